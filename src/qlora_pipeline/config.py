@@ -1,0 +1,252 @@
+"""params.yaml -> one typed, validated config.
+
+Every stage loads the config through `load_config`, so an unknown key, a wrong type or a value
+out of range fails before any work starts, naming the key and what is allowed.
+
+    from qlora_pipeline.config import load_config
+    cfg = load_config("params.yaml", overrides=["train.learning_rate=1e-4"])
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qlora_pipeline.errors import ConfigError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("builtin:tiny-llama",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    raw_path: str = "data/raw"
+    """A file, a folder or a glob under the repo."""
+    format: Literal["auto", "text", "instruction", "chat", "sharegpt"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map our field names to yours, e.g. {instruction: question, output: answer}."""
+    chat_template: str | None = None
+    """A Jinja chat template; None uses the tokenizer's own (or a default for the tiny model)."""
+    max_seq_len: int = Field(512, ge=8, le=131072)
+    truncation: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    """False: loss on completions only where the format has a prompt."""
+    packing: bool = False
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    min_eval_rows: int = Field(1, ge=1)
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    dedupe: bool = True
+    seed: int = 42
+
+
+class ModelConfig(_Section):
+    name: str = "facebook/opt-125m"
+    """A hub id, a local directory, or builtin:tiny-llama (offline, random weights)."""
+    revision: str = "main"
+    trust_remote_code: bool = False
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.name.startswith(BUILTIN_PREFIX)
+
+    @field_validator("name")
+    @classmethod
+    def _known_builtin(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a hub id, a local directory or builtin:tiny-llama")
+        if v.startswith(BUILTIN_PREFIX) and v not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {v!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+        return v
+
+
+class QuantizationConfig(_Section):
+    load_in_4bit: bool = True
+    load_in_8bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """auto: bfloat16 where the device supports it, else float32."""
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "QuantizationConfig":
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError(
+                "load_in_4bit and load_in_8bit are both true; set exactly one "
+                "(QLoRA uses quantization.load_in_4bit: true)"
+            )
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    """'all-linear' or a list of module-name suffixes, e.g. [q_proj, v_proj]."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and (not v or not all(isinstance(m, str) and m for m in v)):
+            raise ValueError("must be 'all-linear' or a non-empty list of module names, e.g. [q_proj, v_proj]")
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError("a string must be 'all-linear'; list module names as [q_proj, v_proj]")
+        return v
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    """-1: run `epochs` epochs; otherwise stop after this many optimizer steps."""
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = "adamw_torch"
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    seed: int = 42
+    num_threads: int = Field(0, ge=0)
+    """CPU threads for torch; 0 keeps torch's default."""
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+    max_eval_rows: int = Field(0, ge=0)
+    """0: all eval rows."""
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    num_samples: int = Field(8, ge=0)
+    """Eval rows with a prompt that also get generations in the samples table."""
+    prompts: list[str] = Field(default_factory=list)
+    """Extra free-form prompts generated from both base and tuned models."""
+
+
+class RegisterConfig(_Section):
+    model_name: str = Field("qlora-opt-125m", min_length=1)
+    metric: str = "eval_loss"
+    """A key of metrics/eval.json for the tuned model, e.g. eval_loss or perplexity."""
+    greater_is_better: bool = False
+    min_improvement: float = Field(0.0, ge=0.0)
+    """The challenger must beat base and champion by at least this much."""
+    merge_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    merge_tolerance: float = Field(0.1, gt=0)
+    """Largest allowed |logit difference| between the merged model and the adapter model."""
+
+
+class TrackingConfig(_Section):
+    experiment: str = Field("qlora-pipeline", min_length=1)
+
+
+with warnings.catch_warnings():
+    # `register` is a params section; shadowing ABCMeta.register on the model class is harmless.
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class PipelineConfig(_Section):
+        data: DataConfig = Field(default_factory=DataConfig)
+        model: ModelConfig = Field(default_factory=ModelConfig)
+        quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+        lora: LoraConfig = Field(default_factory=LoraConfig)
+        train: TrainConfig = Field(default_factory=TrainConfig)
+        evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+        register: RegisterConfig = Field(default_factory=RegisterConfig)
+        tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+        def flat(self) -> dict[str, Any]:
+            """Resolved params as dotted keys, for MLflow params and lineage tags."""
+            out: dict[str, Any] = {}
+
+            def walk(prefix: str, value: Any) -> None:
+                if isinstance(value, dict) and value:
+                    for k, v in value.items():
+                        walk(f"{prefix}.{k}" if prefix else k, v)
+                else:
+                    out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else value
+
+            walk("", self.model_dump(mode="json"))
+            return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section = ".".join(str(p) for p in err["loc"][:-1])
+        allowed = _allowed_keys(section)
+        return f"{key}: unknown key; allowed keys{' in ' + section if section else ''}: {', '.join(allowed)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    return f"{key}: {msg}" if isinstance(got, dict) else f"{key}: {msg} (got {got!r})"
+
+
+def _allowed_keys(section: str) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in filter(None, section.split(".")):
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.learning_rate=1e-4' -> (['train', 'learning_rate'], 0.0001), values parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of the params dict with dotted-key overrides applied."""
+    merged = json.loads(json.dumps(raw))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        parts = key.split(".") if isinstance(key, str) else key
+        node = merged
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(parts)}: {part} is not a section")
+        node[parts[-1]] = value
+    return merged
+
+
+def validate_params(raw: dict[str, Any]) -> PipelineConfig:
+    """Validate a params dict; every problem is listed with its key."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params must be a mapping of sections (data, model, quantization, lora, ...)")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid params:\n  {lines}") from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+    """Load params.yaml (plus optional dotted overrides) into a validated PipelineConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_params(raw)

@@ -1,0 +1,29 @@
+"""Errors a user can act on: each names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class QloraError(Exception):
+    """Base class: the message is shown to the user as is, without a stack trace."""
+
+    exit_code = 2
+
+
+class ConfigError(QloraError):
+    """params.yaml or an override is invalid."""
+
+
+class DataError(QloraError):
+    """Raw data is missing, empty, unreadable or too broken to use."""
+
+
+class ModelError(QloraError):
+    """The base model cannot be found, downloaded or loaded."""
+
+
+class RegistryError(QloraError):
+    """The MLflow tracking server or model registry refused or cannot be reached."""
+
+
+class MergeError(QloraError):
+    """The merged model does not reproduce the adapter model within tolerance."""

@@ -21,6 +21,11 @@ from qlora_pipeline.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("builtin:tiny-llama",)
+# Field names `data.columns` may map (ours -> yours); message keys apply inside messages/conversations.
+DATA_FIELDS = (
+    "text", "instruction", "input", "output", "prompt", "completion",
+    "messages", "conversations", "role", "content", "from", "value",
+)
 
 
 class _Section(BaseModel):
@@ -45,6 +50,21 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     dedupe: bool = True
     seed: int = 42
+    text_unit: Literal["paragraph", "file"] = "paragraph"
+    """How .txt files split into documents: paragraph (blank-line separated) or the whole file."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(DATA_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {', '.join(unknown)}; map one of {', '.join(DATA_FIELDS)} "
+                "to your column name, e.g. {instruction: question, output: answer}"
+            )
+        if not all(isinstance(c, str) and c for c in v.values()):
+            raise ValueError("column names must be non-empty strings")
+        return v
 
 
 class ModelConfig(_Section):

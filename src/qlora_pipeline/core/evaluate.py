@@ -1,0 +1,128 @@
+"""Evaluation: token-weighted eval loss and perplexity, greedy generations, task metrics.
+
+The base model is the tuned model with its adapter switched off, so both are scored on the
+same 4-bit weights, the same eval split and the same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from sacrebleu.metrics import CHRF
+
+from qlora_pipeline.config import EvaluateConfig
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def eval_loss(model, dataset, collator, batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy over every label token (not per batch), and its perplexity."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
+    total_loss, total_tokens = 0.0, 0
+    for chunk in _batches(rows, batch_size):
+        batch = {k: v.to(device) for k, v in collator(chunk).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        mask = shift_labels != -100
+        if not mask.any():
+            continue
+        loss = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
+        total_loss += loss.item()
+        total_tokens += int(mask.sum())
+    if total_tokens == 0:
+        raise ValueError("the eval split has no label tokens; check data.train_on_prompt and the eval data")
+    mean = total_loss / total_tokens
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens}
+
+
+def _encode_prompt(tokenizer, text: str) -> list[int]:
+    # A rendered chat prompt may already carry BOS as text; never add a second one.
+    has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, add_special_tokens=not has_bos).input_ids
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """A free-form prompt as the model expects it: through its chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    return text
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions (prompt excluded), stopped at EOS."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    for chunk in _batches(prompts, batch_size):
+        encoded = [_encode_prompt(tokenizer, p) for p in chunk]
+        width = max(len(e) for e in encoded)
+        # Left padding so every prompt ends where generation starts.
+        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, ids in enumerate(encoded):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in generated[:, width:]:
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return outputs
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions equal to their reference after trimming whitespace."""
+    if not predictions:
+        return 0.0
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)
+
+
+def chrf(predictions: list[str], references: list[str]) -> float:
+    """Corpus chrF (sacrebleu, 0-100) of predictions against one reference each."""
+    if not predictions:
+        return 0.0
+    return float(CHRF().corpus_score(predictions, [references]).score)
+
+
+@dataclass
+class Scores:
+    metrics: dict[str, float]
+    generations: list[str]
+
+
+def score_model(model, tokenizer, eval_dataset, collator, cfg: EvaluateConfig, sample_rows: list[dict]) -> Scores:
+    """Loss, perplexity and (where rows have references) exact match and chrF for one model."""
+    metrics = eval_loss(model, eval_dataset, collator, cfg.batch_size)
+    generations: list[str] = []
+    if sample_rows:
+        generations = generate(model, tokenizer, [r["prompt"] for r in sample_rows], cfg.max_new_tokens, cfg.batch_size)
+        references = [r["reference"] for r in sample_rows]
+        metrics["exact_match"] = exact_match(generations, references)
+        metrics["chrf"] = chrf(generations, references)
+    return Scores(metrics, generations)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """Run a PeftModel as its base model for the duration of the block."""
+    with model.disable_adapter():
+        yield model

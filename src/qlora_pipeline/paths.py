@@ -1,0 +1,65 @@
+"""Where each stage reads and writes, relative to the project root (the dvc.yaml folder).
+
+dvc.yaml lists the same paths; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path = ".") -> "ProjectPaths":
+        return cls(Path(root).resolve())
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "models" / "adapter"
+
+    @property
+    def run_info(self) -> Path:
+        """The MLflow run the train stage opened; evaluate and register log into the same run."""
+        return self.adapter / "run.json"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "models" / "merged"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Trainer checkpoints: outside every DVC output, so they survive a stage restart."""
+        return self.root / "checkpoints"
+
+    @property
+    def cache(self) -> Path:
+        """Built-in models and other rebuildable files."""
+        return self.root / ".cache" / "qlora"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlflow"

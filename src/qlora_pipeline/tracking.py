@@ -1,0 +1,217 @@
+"""MLflow: where runs go, one run per pipeline execution across stages, lineage, the registry.
+
+Default store: SQLite under mlflow/ with artifacts beside it; MLFLOW_TRACKING_URI overrides it.
+Credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD, hub tokens) are read by MLflow and the hub
+client from the environment and are never logged: params come from params.yaml only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import yaml
+from transformers import TrainerCallback
+
+from qlora_pipeline.atomic import write_json_atomic
+from qlora_pipeline.config import PipelineConfig
+from qlora_pipeline.errors import RegistryError
+from qlora_pipeline.paths import ProjectPaths
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+EXTRA_TAGS_ENV = "QLORA_TAGS"
+T = TypeVar("T")
+
+
+def tracking_uri(paths: ProjectPaths) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}"
+
+
+def _redacted(uri: str) -> str:
+    # user:password@host never reaches a message or a log line.
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def setup(paths: ProjectPaths, experiment: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id.
+
+    Fails fast, before any training, when the tracking server cannot be reached.
+    """
+    import mlflow
+
+    uri = tracking_uri(paths)
+    if uri.startswith("sqlite:///"):
+        paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        artifact_location = None
+        if uri.startswith("sqlite:///"):
+            artifact_location = (paths.mlflow_dir / "artifacts").as_uri()
+        return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot reach the store"
+        raise RegistryError(
+            f"MLflow tracking store {_redacted(uri)} cannot be reached ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); start it with mlflow/server.sh, "
+            f"or set MLFLOW_TRACKING_URI to a reachable server (unset it for the local store under mlflow/)"
+        ) from None
+
+
+def extra_tags() -> dict[str, str]:
+    """Tags passed in by an orchestrator (e.g. the Prefect flow-run id) as JSON in QLORA_TAGS."""
+    raw = os.environ.get(EXTRA_TAGS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        tags = json.loads(raw)
+    except json.JSONDecodeError:
+        raise RegistryError(f"{EXTRA_TAGS_ENV} is not valid JSON; set it to an object such as '{{\"k\": \"v\"}}'") from None
+    return {str(k): str(v) for k, v in tags.items()}
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def dvc_data_hash(root: Path, stage: str = "prepare", dep: str = "data/raw") -> str:
+    """The md5 DVC recorded in dvc.lock for the raw data the pipeline ran on."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return "unknown"
+    data = yaml.safe_load(lock.read_text()) or {}
+    for entry in data.get("stages", {}).get(stage, {}).get("deps", []):
+        if entry.get("path") == dep:
+            return str(entry.get("md5", "unknown"))
+    return "unknown"
+
+
+def lineage_tags(paths: ProjectPaths, cfg: PipelineConfig, base_revision: str) -> dict[str, str]:
+    return {
+        "git_commit": git_commit(paths.root),
+        "dvc_data_hash": dvc_data_hash(paths.root),
+        "base_model": cfg.model.name,
+        "base_model_revision": base_revision,
+        **extra_tags(),
+    }
+
+
+def write_run_info(paths: ProjectPaths, run_id: str, experiment_id: str, target: Path | None = None) -> None:
+    write_json_atomic(target or paths.run_info, {"run_id": run_id, "experiment_id": experiment_id})
+
+
+def read_run_id(paths: ProjectPaths) -> str:
+    if not paths.run_info.is_file():
+        raise RegistryError(f"{paths.run_info} is missing: run the train stage first (`dvc repro train`)")
+    return json.loads(paths.run_info.read_text())["run_id"]
+
+
+@contextmanager
+def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
+    """Start or resume a run; it ends FAILED (with the reason) on error, KILLED on Ctrl-C."""
+    import mlflow
+
+    run = mlflow.start_run(run_id=run_id, **start_kwargs)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag("failure_reason", "interrupted")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """Logs every Trainer log row (loss, learning rate, grad norm, tokens/s) at its global step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import mlflow
+
+        if not state.is_world_process_zero or not logs:
+            return
+        numbers = {
+            k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if numbers:
+            mlflow.log_metrics(numbers, step=state.global_step)
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 4, first_delay_s: float = 1.0) -> T:
+    """Call fn, retrying transient failures with exponential backoff."""
+    delay = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except RegistryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a flaky server
+            if attempt == attempts:
+                raise RegistryError(f"{what} failed after {attempts} attempts: {exc}") from None
+            log.warning("%s failed (%s); retrying in %.0fs", what, exc, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+
+def version_for_run(client, model_name: str, run_id: str):
+    """The version already registered from this training run, if any (makes register idempotent)."""
+    for mv in client.search_model_versions(f"name='{model_name}'"):
+        if mv.tags.get("train_run_id") == run_id:
+            return mv
+    return None
+
+
+def alias_version(client, model_name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def ensure_registered_model(client, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        try:
+            client.create_registered_model(model_name, description="QLoRA fine-tunes, merged to full precision")
+        except MlflowException:
+            pass  # created concurrently
+
+
+def promote(client, model_name: str, version: str, reason: str) -> None:
+    """Point `champion` at version and record why on the version."""
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    client.set_model_version_tag(model_name, version, "promotion_reason", reason)
+    client.set_model_version_tag(model_name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

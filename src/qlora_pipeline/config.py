@@ -159,14 +159,18 @@ class EvaluateConfig(_Section):
 
 class RegisterConfig(_Section):
     model_name: str = Field("qlora-opt-125m", min_length=1)
-    metric: str = "eval_loss"
-    """A key of metrics/eval.json for the tuned model, e.g. eval_loss or perplexity."""
-    greater_is_better: bool = False
+    metric: Literal["eval_loss", "perplexity", "exact_match", "chrf"] = "eval_loss"
+    """The promotion metric; loss and perplexity: lower is better; exact_match, chrf: higher."""
     min_improvement: float = Field(0.0, ge=0.0)
     """The challenger must beat base and champion by at least this much."""
     merge_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    merge_tolerance: float = Field(0.1, gt=0)
+    merge_tolerance: float = Field(0.25, gt=0)
     """Largest allowed |logit difference| between the merged model and the adapter model."""
+
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self.metric in ("exact_match", "chrf")
 
 
 class TrackingConfig(_Section):

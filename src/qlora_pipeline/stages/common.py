@@ -1,0 +1,44 @@
+"""What every stage needs: the validated config, project paths, the base model's tokenizer."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.atomic import write_text_atomic
+from qlora_pipeline.config import PipelineConfig, load_config
+from qlora_pipeline.core.data import ensure_pad_token
+from qlora_pipeline.core.model import ResolvedModel, load_tokenizer, resolve_model
+from qlora_pipeline.paths import ProjectPaths
+
+
+@dataclass(frozen=True)
+class StageContext:
+    cfg: PipelineConfig
+    paths: ProjectPaths
+
+
+def context(params: str | Path = "params.yaml", overrides: list[str] | None = None) -> StageContext:
+    """Load and validate params before anything else happens."""
+    params = Path(params)
+    cfg = load_config(params, overrides)
+    return StageContext(cfg, ProjectPaths.at(params.resolve().parent))
+
+
+def base_tokenizer(ctx: StageContext) -> tuple[ResolvedModel, Any]:
+    """The resolved base model and its tokenizer, with a pad token distinct from EOS."""
+    resolved = resolve_model(ctx.cfg.model, ctx.paths.cache)
+    tokenizer = load_tokenizer(ctx.cfg.model, resolved)
+    ensure_pad_token(tokenizer)
+    return resolved, tokenizer
+
+
+def write_csv_atomic(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())

@@ -1,0 +1,187 @@
+"""register: merge the adapter, check the merge, log and register the model, gate promotion.
+
+    qlora register           # as `dvc repro register` runs it
+
+The new version gets alias `challenger`. It becomes `champion` only if it beats the base model
+and the current champion on register.metric by register.min_improvement, where the challenger
+and the champion are scored on the same eval split in this run. Re-running for the same training
+run registers nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+
+from qlora_pipeline import tracking
+from qlora_pipeline.atomic import atomic_dir, write_json_atomic
+from qlora_pipeline.config import RegisterConfig
+from qlora_pipeline.core.data import make_collator
+from qlora_pipeline.core.evaluate import score_model
+from qlora_pipeline.core.merge import check_merge, compare_logits, merge_into_dequantized
+from qlora_pipeline.core.model import base_model_revision, load_base_model
+from qlora_pipeline.errors import RegistryError
+from qlora_pipeline.stages.common import StageContext, base_tokenizer
+from qlora_pipeline.stages.evaluate import eval_split, load_tuned_model, sample_rows
+
+log = logging.getLogger(__name__)
+
+FAIL_ONCE_ENV = "QLORA_FAIL_ONCE_REGISTER"
+MERGE_CHECK_ROWS = 4
+
+
+def beats(candidate: float, reference: float, cfg: RegisterConfig) -> bool:
+    """True if candidate is better than reference by at least min_improvement."""
+    gain = candidate - reference if cfg.greater_is_better else reference - candidate
+    return gain >= cfg.min_improvement and gain > 0
+
+
+def merge_and_check(ctx: StageContext, resolved, tokenizer, eval_ds):
+    """Merge into a dequantized copy, compare logits with the adapter model, save as safetensors."""
+    cfg = ctx.cfg
+    adapter_model = load_tuned_model(ctx, resolved, tokenizer)
+    quantized = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
+    revision = base_model_revision(quantized, resolved)
+    merged = merge_into_dequantized(quantized, str(ctx.paths.adapter), getattr(torch, cfg.register.merge_dtype))
+    worst = None
+    for row in eval_ds.select(range(min(MERGE_CHECK_ROWS, len(eval_ds)))):
+        ids = torch.tensor([row["input_ids"][: cfg.data.max_seq_len]])
+        check = compare_logits(adapter_model, merged, ids, cfg.register.merge_tolerance)
+        worst = check if worst is None or check.max_abs_logit_diff > worst.max_abs_logit_diff else worst
+    check_merge(worst)
+    del adapter_model
+    with atomic_dir(ctx.paths.merged) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return merged, worst, revision
+
+
+def load_champion(model_name: str, dtype: torch.dtype):
+    components = mlflow.transformers.load_model(f"models:/{model_name}@{tracking.CHAMPION}", return_type="components", torch_dtype=dtype)
+    model = components["model"]
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def _inject_transient_failure() -> None:
+    """Test hook for orchestration retries: fail once, before anything is registered."""
+    marker = os.environ.get(FAIL_ONCE_ENV)
+    if marker and not Path(marker).exists():
+        Path(marker).write_text("failed once\n")
+        raise RegistryError("injected transient registry failure (QLORA_FAIL_ONCE_REGISTER); run register again")
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, paths = ctx.cfg, ctx.paths
+    reg = cfg.register
+    tracking.setup(paths, cfg.tracking.experiment)
+    run_id = tracking.read_run_id(paths)
+    eval_metrics = json.loads((paths.metrics / "eval.json").read_text())
+    if reg.metric not in eval_metrics:
+        raise RegistryError(
+            f"register.metric {reg.metric!r} is not in metrics/eval.json (has {sorted(eval_metrics)}); "
+            "exact_match and chrf need eval rows with prompts and evaluate.num_samples > 0"
+        )
+    resolved, tokenizer = base_tokenizer(ctx)
+    eval_ds = eval_split(ctx)
+    collator = make_collator(tokenizer, False, cfg.data.max_seq_len)
+    samples = sample_rows(eval_ds, cfg.evaluate.num_samples)
+    client = MlflowClient()
+
+    with tracking.active_run(run_id=run_id):
+        merged, check, revision = merge_and_check(ctx, resolved, tokenizer, eval_ds)
+        mlflow.log_metrics({"merge_max_abs_logit_diff": check.max_abs_logit_diff, "merge_mean_abs_logit_diff": check.mean_abs_logit_diff})
+
+        challenger_score = score_model(merged, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
+        champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
+        champion_score = None
+        if champion is not None:
+            champion_model = load_champion(reg.model_name, getattr(torch, reg.merge_dtype))
+            champion_score = score_model(champion_model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
+            del champion_model
+        del merged
+
+        _inject_transient_failure()
+        version = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
+        if version is None:
+            tags = {
+                **tracking.lineage_tags(paths, cfg, revision),
+                "train_run_id": run_id,
+                "params": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+                "merge_max_abs_logit_diff": f"{check.max_abs_logit_diff:.6g}",
+                "merge_tolerance": str(reg.merge_tolerance),
+                f"eval.{reg.metric}": f"{eval_metrics[reg.metric]:.6g}",
+                f"eval.base_{reg.metric}": f"{eval_metrics['base_' + reg.metric]:.6g}",
+            }
+            info = mlflow.transformers.log_model(transformers_model=str(paths.merged), name="model", task="text-generation")
+            tracking.ensure_registered_model(client, reg.model_name)
+            version = tracking.retry(
+                lambda: client.create_model_version(reg.model_name, info.model_uri, run_id=run_id, tags=tags),
+                "registering the model version",
+            )
+        tracking.retry(lambda: client.set_registered_model_alias(reg.model_name, tracking.CHALLENGER, version.version), "setting the challenger alias")
+
+        beats_base = beats(eval_metrics[reg.metric], eval_metrics[f"base_{reg.metric}"], reg)
+        beats_champion = champion_score is None or beats(challenger_score, champion_score, reg)
+        already = champion is not None and champion.version == version.version
+        promoted = beats_base and beats_champion and not already
+        reason = (
+            f"{reg.metric}: tuned {eval_metrics[reg.metric]:.4f} vs base {eval_metrics['base_' + reg.metric]:.4f}; "
+            f"challenger {challenger_score:.4f} vs champion "
+            + (f"v{champion.version} {champion_score:.4f}" if champion is not None else "none")
+            + f" (min_improvement {reg.min_improvement})"
+        )
+        if promoted:
+            tracking.retry(lambda: tracking.promote(client, reg.model_name, version.version, f"gate passed: {reason}"), "promoting to champion")
+        client.set_model_version_tag(reg.model_name, version.version, "gate", ("passed: " if promoted or already else "not promoted: ") + reason)
+        current = tracking.alias_version(client, reg.model_name, tracking.CHAMPION)
+        result = {
+            "model_name": reg.model_name,
+            "version": int(version.version),
+            "run_id": run_id,
+            "promoted": promoted,
+            "champion_version": int(current.version) if current else None,
+            "metric": reg.metric,
+            "challenger_score": challenger_score,
+            "champion_score": champion_score,
+            "beats_base": beats_base,
+            "beats_champion": beats_champion,
+            "merge_max_abs_logit_diff": check.max_abs_logit_diff,
+            "reason": reason,
+        }
+        mlflow.set_tags({"registered_version": str(version.version), "promoted": str(promoted)})
+        write_json_atomic(paths.metrics / "register.json", result)
+    log.info("registered %s v%s (%s); %s", reg.model_name, version.version, "promoted to champion" if promoted else "not promoted", reason)
+    return result
+
+
+def promote_by_hand(ctx: StageContext, version: str | None, alias: str | None, reason: str) -> dict:
+    """`qlora promote`: move champion to a version (or to the version another alias points to)."""
+    from mlflow.exceptions import MlflowException
+
+    reg = ctx.cfg.register
+    tracking.setup(ctx.paths, ctx.cfg.tracking.experiment)
+    client = MlflowClient()
+    try:
+        client.get_registered_model(reg.model_name)
+    except MlflowException:
+        raise RegistryError(f"registered model {reg.model_name!r} does not exist; check register.model_name or run the pipeline first") from None
+    if alias:
+        target = tracking.alias_version(client, reg.model_name, alias)
+        if target is None:
+            raise RegistryError(f"{reg.model_name} has no alias {alias!r}; aliases in use: challenger, champion")
+        version = target.version
+    try:
+        client.get_model_version(reg.model_name, str(version))
+    except MlflowException:
+        raise RegistryError(f"{reg.model_name} has no version {version}; list them in the MLflow UI (Models tab)") from None
+    previous = tracking.alias_version(client, reg.model_name, tracking.CHAMPION)
+    who = os.environ.get("USER", "unknown")
+    tracking.promote(client, reg.model_name, str(version), f"manual by {who}: {reason}")
+    log.info("champion: %s -> v%s (manual, %s)", f"v{previous.version}" if previous else "none", version, reason)
+    return {"model_name": reg.model_name, "champion_version": int(version), "previous": int(previous.version) if previous else None}

@@ -1,0 +1,116 @@
+"""train: 4-bit NF4 base + LoRA, trained with the transformers Trainer, tracked in MLflow.
+
+    qlora train              # as `dvc repro train` runs it
+
+Checkpoints go to checkpoints/<key>/, keyed by everything that shapes the run (params and the
+prepared data), outside DVC's outputs: a killed run resumes from the last complete checkpoint,
+and logs into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import mlflow
+
+from qlora_pipeline import tracking
+from qlora_pipeline.atomic import atomic_dir, write_json_atomic
+from qlora_pipeline.core.data import load_prepared, make_collator
+from qlora_pipeline.core.model import apply_lora, base_model_revision, load_base_model, resolve_compute_dtype
+from qlora_pipeline.core.train import train_adapter
+from qlora_pipeline.stages.common import StageContext, base_tokenizer, write_csv_atomic
+
+log = logging.getLogger(__name__)
+
+LOSS_PLOT_FIELDS = ["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
+
+
+def checkpoint_key(ctx: StageContext) -> str:
+    """Same params and same prepared data -> same key -> resume; anything else starts afresh."""
+    cfg = ctx.cfg
+    shaping = {k: cfg.model_dump(mode="json")[k] for k in ("model", "quantization", "lora", "train")}
+    shaping["data"] = {"packing": cfg.data.packing, "max_seq_len": cfg.data.max_seq_len}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
+    for name in ("train.parquet", "stats.json"):
+        path = ctx.paths.prepared / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _previous_run_id(checkpoint_dir: Path) -> str | None:
+    info = checkpoint_dir / "mlflow_run.json"
+    if any(checkpoint_dir.glob("checkpoint-*")) and info.is_file():
+        return json.loads(info.read_text())["run_id"]
+    return None
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, paths = ctx.cfg, ctx.paths
+    experiment_id = tracking.setup(paths, cfg.tracking.experiment)  # fail before loading anything big
+    resolved, tokenizer = base_tokenizer(ctx)
+    train_ds = load_prepared(paths.prepared, "train")
+    model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
+    model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    collator = make_collator(tokenizer, cfg.data.packing, cfg.data.max_seq_len)
+
+    checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    resume_run_id = _previous_run_id(checkpoint_dir)
+    tags = tracking.lineage_tags(paths, cfg, base_model_revision(model, resolved))
+    start = (
+        dict(run_id=resume_run_id, log_system_metrics=True)
+        if resume_run_id
+        else dict(experiment_id=experiment_id, run_name=f"qlora-{checkpoint_dir.name}", log_system_metrics=True, tags=tags)
+    )
+    with tracking.active_run(**start) as run:
+        run_id = run.info.run_id
+        write_json_atomic(checkpoint_dir / "mlflow_run.json", {"run_id": run_id})
+        if not resume_run_id:
+            mlflow.log_params(cfg.flat())
+            mlflow.log_input(
+                mlflow.data.from_pandas(
+                    train_ds.select_columns(["source"]).to_pandas(),
+                    source=str(paths.prepared / "train.parquet"),
+                    name="train",
+                    digest=checkpoint_key(ctx),
+                ),
+                context="training",
+            )
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        result = train_adapter(
+            model,
+            tokenizer,
+            train_ds,
+            collator,
+            cfg.train,
+            checkpoint_dir,
+            resolve_compute_dtype(cfg.quantization.compute_dtype),
+            callbacks=[tracking.MlflowMetricsCallback()],
+        )
+        summary = {
+            "train_loss": result.train_loss,
+            "global_step": result.global_step,
+            "train_runtime_s": round(result.train_runtime_s, 2),
+            "tokens_seen": result.tokens_seen,
+            "tokens_per_second": round(result.tokens_seen / result.train_runtime_s, 2) if result.train_runtime_s else 0.0,
+            "trainable_params": trainable,
+        }
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        if result.resumed_from:
+            mlflow.set_tag("resumed_from", Path(result.resumed_from).name)
+
+        with atomic_dir(paths.adapter) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            tracking.write_run_info(paths, run_id, run.info.experiment_id, target=tmp / "run.json")
+        write_json_atomic(paths.metrics / "train.json", summary)
+        write_csv_atomic(paths.plots / "train_loss.csv", result.history, LOSS_PLOT_FIELDS)
+        mlflow.log_artifacts(str(paths.adapter), artifact_path="adapter")
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is saved; nothing left to resume
+    log.info("trained %s steps, loss %.4f; adapter in %s (MLflow run %s)", result.global_step, result.train_loss, paths.adapter, run_id)
+    return summary

@@ -1,0 +1,70 @@
+"""params.yaml validation: every mistake names its key and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_pipeline.config import apply_overrides, load_config, validate_params
+from qlora_pipeline.errors import ConfigError
+
+from ..conftest import REPO
+
+
+def test_default_params_validate():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.model.name == "facebook/opt-125m"
+    assert cfg.quantization.load_in_4bit and cfg.quantization.quant_type == "nf4" and cfg.quantization.double_quant
+    assert cfg.model.trust_remote_code is False
+    assert cfg.lora.target_modules == "all-linear"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("lora.rank=8", "lora.rank: unknown key; allowed keys in lora: alpha, bias, dropout, r,"),
+        ("bogus.key=1", "bogus: unknown key; allowed keys: data, evaluate, lora, model"),
+        ("lora.r=0", "lora.r: Input should be greater than or equal to 1"),
+        ("lora.alpha=-1", "lora.alpha: Input should be greater than 0"),
+        ("lora.dropout=1.5", "lora.dropout: Input should be less than 1"),
+        ("train.learning_rate=abc", "train.learning_rate: Input should be a valid number"),
+        ("train.learning_rate=0", "train.learning_rate: Input should be greater than 0"),
+        ("quantization.load_in_8bit=true", "load_in_4bit and load_in_8bit are both true"),
+        ("lora.target_modules=[]", "lora.target_modules: must be 'all-linear' or a non-empty list"),
+        ("quantization.quant_type=int3", "quantization.quant_type: Input should be 'nf4' or 'fp4'"),
+        ("model.name=builtin:huge", "unknown built-in model 'builtin:huge'"),
+        ("register.metric=accuracy", "register.metric: Input should be 'eval_loss', 'perplexity', 'exact_match' or 'chrf'"),
+        ("data.eval_fraction=1.0", "data.eval_fraction: Input should be less than 1"),
+    ],
+)
+def test_bad_params_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "params.yaml", [override])
+    assert expected in str(info.value)
+
+
+def test_overrides_beat_the_file_and_parse_yaml():
+    cfg = load_config(REPO / "params.yaml", ["train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.train.learning_rate == 1e-4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_override_needs_key_and_value():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(REPO / "params.yaml", ["train.learning_rate"])
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_flat_params_are_dotted_and_complete():
+    flat = validate_params({}).flat()
+    assert flat["lora.r"] == 16 and flat["train.learning_rate"] == 2e-4
+    assert flat["lora.target_modules"] == "all-linear"
+
+
+def test_apply_overrides_does_not_mutate_input():
+    raw = {"train": {"learning_rate": 1.0}}
+    out = apply_overrides(raw, {"train.learning_rate": 2.0})
+    assert raw["train"]["learning_rate"] == 1.0 and out["train"]["learning_rate"] == 2.0

@@ -27,11 +27,12 @@ $(VENV)/.installed: pyproject.toml
 
 # data/raw is DVC-tracked; a fresh clone has no DVC cache or remote, so the demo data that
 # ships in git is copied in and committed to the local DVC cache (same content, same hash).
-data: setup
+data:
 	@if [ ! -e data/raw ]; then mkdir -p data/raw && cp -r data/demo/. data/raw/ \
 	  && rm -f data/raw/make_demo_data.py && $(BIN)/dvc add -q data/raw; fi
 
-demo: setup data
+demo: setup
+	$(MAKE) data
 	. $(VENV)/bin/activate && dvc exp run $(DEMO_SET)
 	. $(VENV)/bin/activate && dvc metrics show && cat reports/samples.md | head -n 12
 

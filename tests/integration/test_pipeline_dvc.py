@@ -1,0 +1,105 @@
+"""The whole pipeline through `dvc repro` in a fresh copy of the repo, tracked by a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from .conftest import make_project, project_env, run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, mlflow_server):
+    project = make_project(tmp_path_factory.mktemp("project"))
+    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
+    first = run(["dvc", "repro"], project, env)
+    return project, env, first
+
+
+def test_repro_writes_every_output(pipeline):
+    project, _, first = pipeline
+    for stage in ("prepare", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout
+    for rel in (
+        "data/prepared/train.parquet", "data/prepared/eval.parquet", "metrics/data.json",
+        "models/adapter/adapter_model.safetensors", "models/adapter/adapter_config.json",
+        "models/adapter/tokenizer.json", "models/adapter/run.json", "metrics/train.json",
+        "plots/train_loss.csv", "plots/token_lengths.csv", "metrics/eval.json", "reports/samples.md",
+        "models/merged/model.safetensors", "metrics/register.json", "dvc.lock",
+    ):
+        assert (project / rel).is_file(), rel
+    assert not list((project / "models").rglob("*.bin")) and not list((project / "models").rglob("*.pt"))
+
+
+def test_tuned_beats_base_and_metrics_are_finite(pipeline):
+    project, _, _ = pipeline
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    for key in ("eval_loss", "base_eval_loss", "perplexity", "base_perplexity", "chrf", "exact_match"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    train = json.loads((project / "metrics/train.json").read_text())
+    assert train["global_step"] == 12 and train["tokens_per_second"] > 0
+    lines = (project / "plots/train_loss.csv").read_text().splitlines()
+    assert lines[0].startswith("step,loss") and len(lines) == 1 + 7  # first step + every 2nd of 12
+
+
+def test_registered_version_has_aliases_and_lineage(pipeline, mlflow_server):
+    from mlflow import MlflowClient
+
+    project, _, _ = pipeline
+    register = json.loads((project / "metrics/register.json").read_text())
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    version = client.get_model_version("qlora-test", str(register["version"]))
+    assert client.get_model_version_by_alias("qlora-test", "challenger").version == version.version
+    assert register["promoted"] is True  # first version, beats the base
+    assert client.get_model_version_by_alias("qlora-test", "champion").version == version.version
+    tags = version.tags
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    raw_md5 = next(d["md5"] for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw")
+    assert tags["dvc_data_hash"] == raw_md5
+    assert len(tags["git_commit"].split("-")[0]) == 40
+    assert tags["base_model"] == "builtin:tiny-llama" and tags["base_model_revision"] == "builtin-v1"
+    assert json.loads(tags["params"])["lora"]["r"] == 16
+    assert float(tags["merge_max_abs_logit_diff"]) <= float(tags["merge_tolerance"])
+    run_data = client.get_run(register["run_id"]).data
+    assert run_data.params["lora.r"] == "16" and "eval_loss" in run_data.metrics
+    history = client.get_metric_history(register["run_id"], "loss")
+    assert [m.step for m in history] == [1, 2, 4, 6, 8, 10, 12]
+
+
+def test_registered_model_loads_by_alias(pipeline, mlflow_server):
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    components = mlflow.transformers.load_model("models:/qlora-test@champion", return_type="components")
+    assert components["model"].config.model_type == "llama"
+    assert components["tokenizer"].eos_token == "</s>"
+
+
+def test_second_repro_runs_nothing(pipeline, mlflow_server):
+    from mlflow import MlflowClient
+
+    project, env, _ = pipeline
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs_before = len(client.search_runs(client.search_experiments()[0].experiment_id))
+    again = run(["dvc", "repro"], project, env)
+    assert "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date" in again.stdout
+    assert len(client.search_runs(client.search_experiments()[0].experiment_id)) == runs_before
+
+
+def test_changing_a_train_param_reruns_train_not_prepare(pipeline, mlflow_server):
+    project, env, _ = pipeline
+    result = run(["dvc", "exp", "run", "-S", "train.learning_rate=0.002"], project, env)
+    out = result.stdout
+    assert "Running stage 'prepare'" not in out
+    for stage in ("train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    register = json.loads((project / "metrics/register.json").read_text())
+    assert register["version"] == 2
+    assert "challenger" in register["reason"] or register["champion_version"] in (1, 2)

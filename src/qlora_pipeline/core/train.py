@@ -7,8 +7,10 @@ from the stage layer, so nothing here imports it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,11 +99,27 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_bf16: bool, u
     )
 
 
+def checkpoint_is_complete(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    state = path / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "optimizer.pt").is_file() and any(path.glob("adapter_model.safetensors"))
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    """The newest checkpoint that was saved completely, or None."""
-    if not checkpoint_dir.is_dir():
-        return None
-    return get_last_checkpoint(str(checkpoint_dir))
+    """The newest complete checkpoint, or None; partial ones (a kill during a save) are removed."""
+    while checkpoint_dir.is_dir():
+        newest = get_last_checkpoint(str(checkpoint_dir))
+        if newest is None:
+            return None
+        if checkpoint_is_complete(Path(newest)):
+            return newest
+        log.warning("skipping incomplete checkpoint %s (interrupted while saving)", newest)
+        shutil.rmtree(newest)
+    return None
 
 
 @dataclass

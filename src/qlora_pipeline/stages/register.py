@@ -62,6 +62,13 @@ def merge_and_check(ctx: StageContext, resolved, tokenizer, eval_ds):
     return merged, worst, revision
 
 
+def serving_requirements() -> list[str]:
+    """What serving the merged model needs (MLflow's default list wants torchvision)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "transformers", "accelerate", "safetensors", "tokenizers")]
+
+
 def load_champion(model_name: str, dtype: torch.dtype):
     components = mlflow.transformers.load_model(f"models:/{model_name}@{tracking.CHAMPION}", return_type="components", torch_dtype=dtype)
     model = components["model"]
@@ -104,7 +111,6 @@ def run(ctx: StageContext) -> dict:
             champion_model = load_champion(reg.model_name, getattr(torch, reg.merge_dtype))
             champion_score = score_model(champion_model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
             del champion_model
-        del merged
 
         _inject_transient_failure()
         version = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
@@ -118,7 +124,13 @@ def run(ctx: StageContext) -> dict:
                 f"eval.{reg.metric}": f"{eval_metrics[reg.metric]:.6g}",
                 f"eval.base_{reg.metric}": f"{eval_metrics['base_' + reg.metric]:.6g}",
             }
-            info = mlflow.transformers.log_model(transformers_model=str(paths.merged), name="model", task="text-generation")
+            info = mlflow.transformers.log_model(
+                transformers_model={"model": merged, "tokenizer": tokenizer},
+                name="model",
+                task="text-generation",
+                torch_dtype=getattr(torch, reg.merge_dtype),
+                pip_requirements=serving_requirements(),
+            )
             tracking.ensure_registered_model(client, reg.model_name)
             version = tracking.retry(
                 lambda: client.create_model_version(reg.model_name, info.model_uri, run_id=run_id, tags=tags),

@@ -1,0 +1,105 @@
+"""Bad input through the real `qlora` command: a clear message, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from .conftest import BIN, REPO, TINY_PARAMS, project_env, set_params
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A minimal project: params.yaml with the tiny model and a small valid dataset."""
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_params(tmp_path, TINY_PARAMS)
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    rows = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(40)]
+    (raw / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def qlora(project, *args, env=None):
+    return subprocess.run(
+        [str(BIN / "qlora"), *args], cwd=project, capture_output=True, text=True, timeout=300,
+        env=env or project_env(project, MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db"),
+    )
+
+
+def snapshot(project):
+    return sorted(str(p.relative_to(project)) for p in project.rglob("*") if ".cache" not in p.parts)
+
+
+def assert_failed_cleanly(result, before, project, *needles):
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    for needle in needles:
+        assert needle in message, message
+    assert "Traceback" not in message
+    assert snapshot(project) == before
+
+
+def test_unknown_param_key(project):
+    text = (project / "params.yaml").read_text().replace("  r: 16", "  r: 16\n  rank: 8")
+    (project / "params.yaml").write_text(text)
+    before = snapshot(project)
+    result = qlora(project, "prepare")
+    assert_failed_cleanly(result, before, project, "lora.rank: unknown key", "allowed keys in lora")
+
+
+def test_missing_data_path(project):
+    set_params(project, {"data.raw_path": "data/nope"})
+    before = snapshot(project)
+    result = qlora(project, "prepare")
+    assert_failed_cleanly(result, before, project, "data/nope")
+
+
+def test_empty_dataset(project):
+    (project / "data" / "raw" / "a.jsonl").write_text("")
+    before = snapshot(project)
+    result = qlora(project, "prepare")
+    assert_failed_cleanly(result, before, project, "a.jsonl")
+
+
+def test_failed_prepare_keeps_previous_outputs(project):
+    assert qlora(project, "prepare").returncode == 0
+    previous = (project / "data" / "prepared" / "train.parquet").read_bytes()
+    (project / "data" / "raw" / "a.jsonl").write_text("{broken\n" * 40)
+    before = snapshot(project)
+    result = qlora(project, "prepare")
+    assert_failed_cleanly(result, before, project, "a.jsonl:1")
+    assert (project / "data" / "prepared" / "train.parquet").read_bytes() == previous
+
+
+def test_unreachable_tracking_server_fails_before_training(project):
+    assert qlora(project, "prepare").returncode == 0
+    before = snapshot(project)
+    env = project_env(project, MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    result = qlora(project, "train", env=env)
+    assert_failed_cleanly(result, before, project, "http://127.0.0.1:9 cannot be reached", "MLFLOW_TRACKING_URI")
+
+
+def test_missing_local_model_dir(project):
+    set_params(project, {"model.name": "./models/none"})
+    before = snapshot(project)
+    result = qlora(project, "prepare")
+    assert_failed_cleanly(result, before, project, "models/none does not exist")
+
+
+def test_hub_unreachable_names_the_offline_option(project):
+    set_params(project, {"model.name": "some-org/some-model"})
+    before = snapshot(project)
+    result = qlora(project, "prepare", env=project_env(project, HF_HUB_OFFLINE="1"))
+    assert_failed_cleanly(result, before, project, "some-org/some-model", "builtin:tiny-llama")
+
+
+def test_promote_unknown_model(project):
+    before = snapshot(project)
+    result = qlora(project, "promote", "--version", "1")
+    assert result.returncode != 0
+    assert "registered model 'qlora-test' does not exist" in result.stderr

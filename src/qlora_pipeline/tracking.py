@@ -161,15 +161,27 @@ class MlflowMetricsCallback(TrainerCallback):
             mlflow.log_metrics(numbers, step=state.global_step)
 
 
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection trouble and server-side 5xx are worth retrying; bad requests are not."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in TRANSIENT_CODES
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "urllib3"))
+
+
 def retry(fn: Callable[[], T], what: str, attempts: int = 4, first_delay_s: float = 1.0) -> T:
     """Call fn, retrying transient failures with exponential backoff."""
     delay = first_delay_s
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except RegistryError:
-            raise
         except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a flaky server
+            if not is_transient(exc):
+                raise
             if attempt == attempts:
                 raise RegistryError(f"{what} failed after {attempts} attempts: {exc}") from None
             log.warning("%s failed (%s); retrying in %.0fs", what, exc, delay)
@@ -196,18 +208,6 @@ def alias_version(client, model_name: str, alias: str):
         return client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None
-
-
-def ensure_registered_model(client, model_name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException:
-        try:
-            client.create_registered_model(model_name, description="QLoRA fine-tunes, merged to full precision")
-        except MlflowException:
-            pass  # created concurrently
 
 
 def promote(client, model_name: str, version: str, reason: str) -> None:

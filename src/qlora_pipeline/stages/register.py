@@ -131,9 +131,8 @@ def run(ctx: StageContext) -> dict:
                 torch_dtype=getattr(torch, reg.merge_dtype),
                 pip_requirements=serving_requirements(),
             )
-            tracking.ensure_registered_model(client, reg.model_name)
             version = tracking.retry(
-                lambda: client.create_model_version(reg.model_name, info.model_uri, run_id=run_id, tags=tags),
+                lambda: mlflow.register_model(info.model_uri, reg.model_name, tags=tags),
                 "registering the model version",
             )
         tracking.retry(lambda: client.set_registered_model_alias(reg.model_name, tracking.CHALLENGER, version.version), "setting the challenger alias")

@@ -1,0 +1,238 @@
+"""Raw rows -> validated examples of one of four kinds: text, alpaca, prompt/completion, chat.
+
+`format: auto` decides per record from its keys (after `data.columns` renames them):
+messages -> chat, conversations -> sharegpt (normalised to chat), instruction/input/output ->
+alpaca, prompt/completion -> prompt/completion, text -> text. A row that fails a check becomes a
+`BadRow` with a reason code (see REASONS) and a message saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from qlora_pipeline.core.data.sources import BadRow, Row
+
+# Reason codes for rows that are skipped as broken (they count toward data.max_bad_fraction).
+REASONS = (
+    "broken_json",
+    "not_utf8",
+    "wrong_columns",
+    "missing_field",
+    "bad_value",
+    "empty_completion",
+    "bad_role_order",
+    "special_token_in_text",
+    "template_error",
+)
+# Reasons a valid row is dropped (they do not count as bad data).
+DROP_REASONS = ("duplicate", "too_long", "no_trainable_tokens")
+
+CHAT_ROLES = ("system", "user", "assistant")
+MESSAGE_FIELDS = ("role", "content", "from", "value")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Example:
+    """A validated record. `kind` picks the rendering; `format` is what the user's data was."""
+
+    source: str
+    format: str  # text | instruction | chat | sharegpt
+    kind: str  # text | alpaca | pair | chat
+    text: str = ""
+    messages: tuple[tuple[str, str], ...] = ()  # chat turns (role, content)
+    instruction: str = ""
+    input: str = ""
+    output: str = ""  # alpaca output, or the completion of a prompt/completion pair
+    prompt: str = ""
+
+    def key(self) -> str:
+        """Content identity for dedupe and for the seeded split (the source is not part of it)."""
+        body = {
+            "text": [self.text],
+            "alpaca": [self.instruction, self.input, self.output],
+            "pair": [self.prompt, self.output],
+            "chat": [list(m) for m in self.messages],
+        }[self.kind]
+        return json.dumps([self.kind, body], ensure_ascii=False)
+
+    def strings(self) -> list[str]:
+        return [self.text, self.instruction, self.input, self.output, self.prompt, *(c for _, c in self.messages)]
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def rename_columns(fields: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """Apply data.columns (ours -> yours) to a record's top-level keys (message keys apply inside turns)."""
+    top = {ours: theirs for ours, theirs in columns.items() if ours not in MESSAGE_FIELDS}
+    if not top:
+        return fields
+    theirs_to_ours = {theirs: ours for ours, theirs in top.items()}
+    # A column that has our name but is not the one mapped to it is left out, so it cannot shadow.
+    return {theirs_to_ours.get(k, k): v for k, v in fields.items() if k in theirs_to_ours or k not in top}
+
+
+def _message_keys(columns: dict[str, str], role: str, content: str) -> tuple[str, str]:
+    return columns.get(role, role), columns.get(content, content)
+
+
+def detect_format(fields: dict[str, Any], wanted: str) -> str:
+    """Which format a record is, from its keys; raises _Bad when its keys fit none."""
+    keys = set(fields)
+    if wanted != "auto":
+        return wanted
+    if "messages" in keys:
+        return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
+    if keys & {"instruction", "input", "output", "prompt", "completion"}:
+        return "instruction"
+    if "text" in keys:
+        return "text"
+    raise _Bad(
+        "wrong_columns",
+        f"fields {sorted(keys)} match no format; expected one of: text | instruction+output (+input) | "
+        "prompt+completion | messages | conversations. Map yours with data.columns, "
+        "e.g. {instruction: question, output: answer}",
+    )
+
+
+def _string(fields: dict[str, Any], name: str, *, required: bool = True) -> str:
+    if name not in fields or fields[name] is None:
+        if required:
+            raise _Bad("missing_field", f"no {name!r} field (fields: {sorted(fields)}); add it or map yours with data.columns")
+        return ""
+    value = fields[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _Bad("bad_value", f"{name!r} must be a string, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Bad("bad_value", f"{name!r} must be a string, got {value}")
+    return value if isinstance(value, str) else str(value)
+
+
+def _turns(fields: dict[str, Any], name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[tuple[str, str]]:
+    if name not in fields:
+        raise _Bad("missing_field", f"no {name!r} field (fields: {sorted(fields)}); add it or map yours with data.columns")
+    turns = fields[name]
+    if isinstance(turns, str):  # CSV cells hold the list as JSON text
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as exc:
+            raise _Bad("broken_json", f"{name!r} is not a JSON list of turns: {exc.msg}") from None
+    if not isinstance(turns, list) or not turns:
+        raise _Bad("bad_value", f"{name!r} must be a non-empty list of turns")
+    out = []
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise _Bad("bad_value", f"turn {number} must be an object with {role_key!r} and {content_key!r}")
+        if role_key not in turn or content_key not in turn or turn[content_key] is None:
+            raise _Bad("missing_field", f"turn {number} needs {role_key!r} and {content_key!r} (has {sorted(turn)})")
+        role, content = turn[role_key], turn[content_key]
+        if not isinstance(content, str):
+            raise _Bad("bad_value", f"turn {number}: {content_key!r} must be a string, got {type(content).__name__}")
+        if role not in roles:
+            raise _Bad("bad_role_order", f"turn {number} has unknown role {role!r}; allowed: {', '.join(roles)}")
+        out.append((roles[role], content))
+    return out
+
+
+def check_role_order(turns: list[tuple[str, str]]) -> None:
+    """Optional system first, then user/assistant alternating, ending on a non-empty assistant reply."""
+    start = 1 if turns[0][0] == "system" else 0
+    expected = "user"
+    for number, (role, content) in enumerate(turns[start:], start + 1):
+        if role != expected:
+            where = "only first" if role == "system" else f"{expected} expected"
+            raise _Bad("bad_role_order", f"turn {number} is {role!r} ({where}); turns must go [system], user, assistant, user, ...")
+        if role == "user" and not content.strip():
+            raise _Bad("bad_value", f"turn {number} (user) is empty")
+        if role == "assistant" and not content.strip():
+            raise _Bad("empty_completion", f"turn {number} (assistant) is empty")
+        expected = "assistant" if role == "user" else "user"
+    if len(turns) == start:
+        raise _Bad("bad_role_order", "no user or assistant turns")
+    if turns[-1][0] != "assistant":
+        raise _Bad("bad_role_order", "the last turn is not the assistant's; end each conversation with the reply to learn")
+
+
+def to_example(row: Row, wanted: str, columns: dict[str, str]) -> Example:
+    """Normalise and validate one row; raises _Bad."""
+    fields = rename_columns(row.fields, columns)
+    fmt = "text" if row.from_txt else detect_format(fields, wanted)
+    if row.from_txt and wanted not in ("auto", "text"):
+        raise _Bad("wrong_columns", f"a .txt file is plain text, but data.format is {wanted!r}; use format auto or text")
+    if fmt == "text":
+        text = _string(fields, "text")
+        if not text.strip():
+            raise _Bad("missing_field", "'text' is empty")
+        return Example(row.source, "text", "text", text=text)
+    if fmt == "chat":
+        role_key, content_key = _message_keys(columns, "role", "content")
+        turns = _turns(fields, "messages", role_key, content_key, {r: r for r in CHAT_ROLES})
+        check_role_order(turns)
+        return Example(row.source, "chat", "chat", messages=tuple(turns))
+    if fmt == "sharegpt":
+        role_key, content_key = _message_keys(columns, "from", "value")
+        turns = _turns(fields, "conversations", role_key, content_key, SHAREGPT_ROLES)
+        check_role_order(turns)
+        return Example(row.source, "sharegpt", "chat", messages=tuple(turns))
+    # instruction: alpaca (instruction/input/output) or prompt/completion
+    if "prompt" in fields or "completion" in fields:
+        prompt, completion = _string(fields, "prompt"), _string(fields, "completion")
+        if not prompt.strip():
+            raise _Bad("bad_value", "'prompt' is empty")
+        if not completion.strip():
+            raise _Bad("empty_completion", "'completion' is empty")
+        return Example(row.source, "instruction", "pair", prompt=prompt, output=completion)
+    instruction, output = _string(fields, "instruction"), _string(fields, "output")
+    inp = _string(fields, "input", required=False)
+    if not instruction.strip():
+        raise _Bad("bad_value", "'instruction' is empty")
+    if not output.strip():
+        raise _Bad("empty_completion", "'output' is empty")
+    return Example(row.source, "instruction", "alpaca", instruction=instruction, input=inp, output=output)
+
+
+def special_token_pattern(tokenizer) -> re.Pattern[str] | None:
+    """A regex matching any special-token string (e.g. `</s>`, `<|user|>`) the tokenizer would parse."""
+    names = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            names.add(str(token.content))
+    names = {n for n in names if n}
+    if not names:
+        return None
+    return re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
+
+
+def validate_rows(
+    rows: list[Row], wanted: str, columns: dict[str, str], special: re.Pattern[str] | None
+) -> tuple[list[Example], list[BadRow]]:
+    """Every row -> an Example or a BadRow naming its file:line and what is wrong."""
+    examples, bad = [], []
+    for row in rows:
+        try:
+            example = to_example(row, wanted, columns)
+            if special is not None:
+                for value in example.strings():
+                    hit = special.search(value)
+                    if hit:
+                        raise _Bad(
+                            "special_token_in_text",
+                            f"holds the special token {hit.group()!r}, which would be read as a control token; "
+                            "remove it from the data",
+                        )
+        except _Bad as exc:
+            bad.append(BadRow(row.source, exc.reason, exc.detail))
+            continue
+        examples.append(example)
+    return examples, bad

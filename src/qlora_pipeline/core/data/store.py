@@ -1,0 +1,98 @@
+"""Prepared data on disk: train/eval Parquet, stats, validation report, length histogram.
+
+`write_prepared` builds everything in a temporary folder next to the target and swaps it in
+with renames, so a failed write leaves the previous output as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+
+from qlora_pipeline.core.data.prepare import COLUMNS, PreparedData
+from qlora_pipeline.errors import DataError
+
+SPLITS = ("train", "eval")
+_HISTOGRAM_BUCKETS = 32
+
+
+def length_histogram(lengths: list[int]) -> list[tuple[int, int]]:
+    """(bucket lower bound, row count) over equal power-of-two-wide token ranges, empty buckets included."""
+    if not lengths:
+        return []
+    # e.g. longest row 512 tokens: width 16 -> buckets 0, 16, ..., 512 (at most ~33 bars)
+    width = 1 << max(0, math.ceil(math.log2(max(lengths) / _HISTOGRAM_BUCKETS)))
+    counts = [0] * (max(lengths) // width + 1)
+    for n in lengths:
+        counts[n // width] += 1
+    return [(i * width, c) for i, c in enumerate(counts)]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_histogram(path: Path, lengths: list[int]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["bucket", "count"])
+        writer.writerows(length_histogram(lengths))
+
+
+def _write_files(prepared: PreparedData, folder: Path) -> None:
+    for name, dataset in (("train", prepared.train), ("eval", prepared.eval)):
+        pq.write_table(dataset.with_format("arrow")[:], folder / f"{name}.parquet")
+    _write_json(folder / "stats.json", prepared.stats)
+    _write_json(folder / "report.json", prepared.report)
+    _write_histogram(folder / "lengths.csv", prepared.lengths)
+
+
+def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
+    """Write train/eval.parquet, stats.json, report.json and lengths.csv into out_dir, atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_files(prepared, tmp)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    # A directory cannot be renamed over a non-empty one, so the old one steps aside first.
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_prepared(out_dir: Path, split: str) -> datasets.Dataset:
+    """The prepared train or eval split as an in-memory Dataset."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    path = Path(out_dir) / f"{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} not found: the data has not been prepared; run `qlora prepare` first (or `dvc repro prepare`)")
+    table = pq.read_table(path)
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path} lacks columns {', '.join(missing)}; it is stale or foreign, run `qlora prepare` again")
+    return datasets.Dataset(table)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -35,7 +36,13 @@ QUIET_LOGGERS = ("httpx", "urllib3", "alembic", "mlflow.store", "mlflow.tracking
 
 def _setup_logging() -> None:
     level = os.environ.get("QLORA_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    if err.is_terminal:
+        handler: logging.Handler = RichHandler(console=err, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # logs captured by DVC, Prefect or CI: one plain line per record, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -64,6 +71,15 @@ def _run(stage: Callable, params: Path, overrides: list[str] | None, *args) -> N
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        err.print(
+            f"[bold red]error:[/] no space left on the device while writing {exc.filename or 'an output'}; "
+            "free some disk space and run the stage again (outputs already in place were left unchanged)",
+            highlight=False,
+        )
+        raise typer.Exit(28) from None
 
 
 @app.command()

@@ -147,12 +147,24 @@ def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
 
 
 class MlflowMetricsCallback(TrainerCallback):
-    """Logs every Trainer log row (loss, learning rate, grad norm, tokens/s) at its global step."""
+    """Logs every Trainer log row (loss, learning rate, grad norm, tokens/s) at its global step.
+
+    After a resume, steps the run already holds (logged before the kill, re-run since the last
+    checkpoint) are not logged twice, so the history has neither gaps nor duplicates.
+    """
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.logged_up_to = -1
+        if run_id:
+            from mlflow import MlflowClient
+
+            history = MlflowClient().get_metric_history(run_id, "loss")
+            self.logged_up_to = max((m.step for m in history), default=-1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         import mlflow
 
-        if not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero or not logs or state.global_step <= self.logged_up_to:
             return
         numbers = {
             k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)

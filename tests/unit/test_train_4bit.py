@@ -78,7 +78,9 @@ def test_resume_continues_from_last_checkpoint(loaded, tmp_path, tiny_cfg):
     longer = tiny_cfg("train.save_steps=4", "train.max_steps=6").train
     second = train_adapter(model, tokenizer, data, collator, longer, tmp_path, dtype)
     assert second.resumed_from.endswith("checkpoint-4")
-    assert [row["step"] for row in second.history] == [5, 6]
+    # The restored history up to the checkpoint plus the steps run since: no gap, no duplicate.
+    assert [row["step"] for row in second.history] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in second.history[:4]] == [r["loss"] for r in first.history]
 
 
 def test_target_modules_that_match_nothing_fail_clearly(loaded, tiny_cfg):

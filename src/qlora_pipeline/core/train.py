@@ -54,6 +54,15 @@ class LossHistory(TrainerCallback):
 
     rows: list[dict[str, Any]] = field(default_factory=list)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume the Trainer restores the log history up to the checkpoint: keep it, so the
+        # curve has no gap; steps after the checkpoint are logged again as they are re-run.
+        self.rows = [
+            {"step": e["step"], **{k: v for k, v in e.items() if _is_number(v) and k != "step"}}
+            for e in state.log_history
+            if "loss" in e
+        ]
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.rows.append({"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}})

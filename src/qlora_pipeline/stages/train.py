@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+from transformers import set_seed
 
 from qlora_pipeline import tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
@@ -55,6 +56,7 @@ def run(ctx: StageContext) -> dict:
     resolved, tokenizer = base_tokenizer(ctx)
     train_ds = load_prepared(paths.prepared, "train")
     model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
+    set_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter start
     model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
     collator = make_collator(tokenizer, cfg.data.packing, cfg.data.max_seq_len)
 
@@ -90,7 +92,7 @@ def run(ctx: StageContext) -> dict:
             cfg.train,
             checkpoint_dir,
             resolve_compute_dtype(cfg.quantization.compute_dtype),
-            callbacks=[tracking.MlflowMetricsCallback()],
+            callbacks=[tracking.MlflowMetricsCallback(resume_run_id)],
         )
         summary = {
             "train_loss": result.train_loss,

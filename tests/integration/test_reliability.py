@@ -1,0 +1,153 @@
+"""Crash safety: hard kills resume from the last complete checkpoint, runs never stay RUNNING,
+registration is idempotent, promotions do not race."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import BIN, make_project, project_env, run
+
+pytestmark = pytest.mark.integration
+
+STEPS = 40
+RESUME_PARAMS = {"train.max_steps": STEPS, "train.save_steps": 4, "train.logging_steps": 1, "train.save_total_limit": 3}
+# Same seed, same data: resuming restores optimizer, scheduler, RNG and data order, so the only
+# difference from an uninterrupted run is floating-point noise.
+ADAPTER_TOLERANCE = 1e-4
+
+
+def checkpoints(project: Path) -> list[Path]:
+    return sorted(project.glob("checkpoints/*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def wait_for(predicate, timeout_s: float, what: str, proc=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def start(cmd: list[str], project: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def adapter_weights(project: Path) -> dict[str, torch.Tensor]:
+    return load_file(project / "models/adapter/adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mlflow_server):
+    """An uninterrupted run with the same params and seed."""
+    project = make_project(tmp_path_factory.mktemp("uninterrupted"), {**RESUME_PARAMS, "register.model_name": "qlora-ref"})
+    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
+    run(["dvc", "repro", "train"], project, env)
+    return adapter_weights(project)
+
+
+def test_sigkill_and_partial_checkpoint_resume(tmp_path, mlflow_server, reference):
+    from mlflow import MlflowClient
+
+    project = make_project(tmp_path, {**RESUME_PARAMS, "register.model_name": "qlora-resume"})
+    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
+    lock_before = (project / "dvc.lock").read_text() if (project / "dvc.lock").exists() else None
+
+    proc = start(["dvc", "repro", "train"], project, env)
+    # Kill hard once three checkpoints exist (step 12 of 40): no handler runs, nothing is flushed.
+    wait_for(lambda: len(checkpoints(project)) >= 3 and (checkpoints(project)[-1] / "trainer_state.json").exists(), 300, "three checkpoints", proc)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (project / "models/adapter/adapter_model.safetensors").exists()
+    current = (project / "dvc.lock").read_text() if (project / "dvc.lock").exists() else None
+    assert current == lock_before or "train:" not in (current or "")
+
+    # A kill during the next save leaves a checkpoint without a readable trainer state.
+    newest, previous = checkpoints(project)[-1], checkpoints(project)[-2]
+    (newest / "trainer_state.json").write_text('{"global_st')
+    run_info = json.loads(next(project.glob("checkpoints/*/mlflow_run.json")).read_text())
+
+    again = run(["dvc", "repro", "train"], project, project_env(project, MLFLOW_TRACKING_URI=mlflow_server))
+    log = again.stdout + again.stderr
+    assert f"skipping incomplete checkpoint" in log and f"resuming from" in log and previous.name in log
+
+    resumed = adapter_weights(project)
+    assert resumed.keys() == reference.keys()
+    worst = max(float((resumed[k] - reference[k]).abs().max()) for k in reference)
+    assert worst <= ADAPTER_TOLERANCE, worst
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run_record = client.get_run(run_info["run_id"])
+    assert run_record.info.status == "FINISHED"
+    assert run_record.data.tags["resumed_from"] == previous.name
+    steps = [m.step for m in client.get_metric_history(run_info["run_id"], "loss")]
+    assert steps == list(range(1, STEPS + 1))  # no gap, no duplicate
+    assert not list(project.glob("checkpoints/*/checkpoint-*"))  # cleaned up after success
+
+
+def test_sigterm_ends_the_run_killed(tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    project = make_project(tmp_path, {**RESUME_PARAMS, "register.model_name": "qlora-term"})
+    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
+    run(["qlora", "prepare"], project, env)
+    proc = start(["qlora", "train"], project, env)
+    wait_for(lambda: bool(checkpoints(project)), 300, "a checkpoint", proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    run_id = json.loads(next(project.glob("checkpoints/*/mlflow_run.json")).read_text())["run_id"]
+    record = MlflowClient(tracking_uri=mlflow_server).get_run(run_id)
+    assert record.info.status == "KILLED", output
+    assert "interrupted" in record.data.tags["failure_reason"]
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, mlflow_server):
+    project = make_project(tmp_path_factory.mktemp("registered"), {"register.model_name": "qlora-idem"})
+    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
+    run(["dvc", "repro"], project, env)
+    return project, env
+
+
+def test_register_twice_creates_no_second_version(registered, mlflow_server):
+    from mlflow import MlflowClient
+
+    project, env = registered
+    first = json.loads((project / "metrics/register.json").read_text())
+    run(["qlora", "register"], project, env)
+    second = json.loads((project / "metrics/register.json").read_text())
+    assert second["version"] == first["version"]
+    versions = MlflowClient(tracking_uri=mlflow_server).search_model_versions("name='qlora-idem'")
+    assert len(versions) == 1
+
+
+def test_concurrent_promotions_leave_one_champion(registered, mlflow_server):
+    from mlflow import MlflowClient
+
+    project, env = registered
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    v1 = client.get_model_version("qlora-idem", "1")
+    v2 = client.create_model_version("qlora-idem", v1.source, run_id=v1.run_id, model_id=getattr(v1, "model_id", None))
+    procs = [start([str(BIN / "qlora"), "promote", "--version", v, "--reason", f"race {v}"], project, env) for v in ("1", v2.version)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    champion = client.get_model_version_by_alias("qlora-idem", "champion")
+    assert champion.version in ("1", v2.version)
+    holders = [v.version for v in client.search_model_versions("name='qlora-idem'") if "champion" in v.aliases]
+    assert holders == [champion.version]
+    reason = client.get_model_version("qlora-idem", champion.version).tags["promotion_reason"]
+    assert reason.startswith("manual by ") and f"race {champion.version}" in reason

@@ -141,13 +141,16 @@ def test_concurrent_promotions_leave_one_champion(registered, mlflow_server):
     project, env = registered
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     v1 = client.get_model_version("qlora-idem", "1")
-    v2 = client.create_model_version("qlora-idem", v1.source, run_id=v1.run_id, model_id=getattr(v1, "model_id", None))
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    v2 = mlflow.register_model(v1.source, "qlora-idem")
     procs = [start([str(BIN / "qlora"), "promote", "--version", v, "--reason", f"race {v}"], project, env) for v in ("1", v2.version)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     champion = client.get_model_version_by_alias("qlora-idem", "champion")
     assert champion.version in ("1", v2.version)
-    holders = [v.version for v in client.search_model_versions("name='qlora-idem'") if "champion" in v.aliases]
+    holders = [v for v in ("1", v2.version) if "champion" in client.get_model_version("qlora-idem", v).aliases]
     assert holders == [champion.version]
     reason = client.get_model_version("qlora-idem", champion.version).tags["promotion_reason"]
     assert reason.startswith("manual by ") and f"race {champion.version}" in reason

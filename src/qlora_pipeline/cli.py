@@ -34,13 +34,21 @@ SetOpt = Annotated[
 QUIET_LOGGERS = ("httpx", "urllib3", "alembic", "mlflow.store", "mlflow.tracking", "filelock", "git")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (test runners and notebooks swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging() -> None:
     level = os.environ.get("QLORA_LOG_LEVEL", "INFO").upper()
     if err.is_terminal:
         handler: logging.Handler = RichHandler(console=err, show_path=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:  # logs captured by DVC, Prefect or CI: one plain line per record, never wrapped
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in QUIET_LOGGERS:

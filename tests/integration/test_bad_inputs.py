@@ -1,4 +1,5 @@
-"""Bad input through the real `qlora` command: a clear message, a non-zero exit, nothing written."""
+"""Bad input through the real `qlora` executable: a clear message, a non-zero exit, nothing
+written. The full catalogue runs in-process in test_bad_input_catalogue.py."""
 
 from __future__ import annotations
 
@@ -52,20 +53,6 @@ def test_unknown_param_key(project):
     assert_failed_cleanly(result, before, project, "lora.rank: unknown key", "allowed keys in lora")
 
 
-def test_missing_data_path(project):
-    set_params(project, {"data.raw_path": "data/nope"})
-    before = snapshot(project)
-    result = qlora(project, "prepare")
-    assert_failed_cleanly(result, before, project, "data/nope")
-
-
-def test_empty_dataset(project):
-    (project / "data" / "raw" / "a.jsonl").write_text("")
-    before = snapshot(project)
-    result = qlora(project, "prepare")
-    assert_failed_cleanly(result, before, project, "a.jsonl")
-
-
 def test_failed_prepare_keeps_previous_outputs(project):
     assert qlora(project, "prepare").returncode == 0
     previous = (project / "data" / "prepared" / "train.parquet").read_bytes()
@@ -82,24 +69,3 @@ def test_unreachable_tracking_server_fails_before_training(project):
     env = project_env(project, MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     result = qlora(project, "train", env=env)
     assert_failed_cleanly(result, before, project, "http://127.0.0.1:9 cannot be reached", "MLFLOW_TRACKING_URI")
-
-
-def test_missing_local_model_dir(project):
-    set_params(project, {"model.name": "./models/none"})
-    before = snapshot(project)
-    result = qlora(project, "prepare")
-    assert_failed_cleanly(result, before, project, "models/none does not exist")
-
-
-def test_hub_unreachable_names_the_offline_option(project):
-    set_params(project, {"model.name": "some-org/some-model"})
-    before = snapshot(project)
-    result = qlora(project, "prepare", env=project_env(project, HF_HUB_OFFLINE="1"))
-    assert_failed_cleanly(result, before, project, "some-org/some-model", "builtin:tiny-llama")
-
-
-def test_promote_unknown_model(project):
-    before = snapshot(project)
-    result = qlora(project, "promote", "--version", "1")
-    assert result.returncode != 0
-    assert "registered model 'qlora-test' does not exist" in result.stderr

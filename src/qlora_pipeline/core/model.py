@@ -53,12 +53,13 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+def _looks_local(name: str, root: Path) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or (root / os.path.expanduser(name)).exists()
 
 
-def resolve_model(cfg: ModelConfig, cache_dir: str | Path) -> ResolvedModel:
-    """Turn model.name into a loadable path; builds the tiny model on first use."""
+def resolve_model(cfg: ModelConfig, cache_dir: str | Path, root: str | Path = ".") -> ResolvedModel:
+    """Turn model.name into a loadable path (relative ones from the project root); builds the
+    tiny model on first use."""
     if cfg.trust_remote_code:
         warnings.warn(
             f"model.trust_remote_code is true: Python code shipped with {cfg.name} will run on this machine",
@@ -67,10 +68,11 @@ def resolve_model(cfg: ModelConfig, cache_dir: str | Path) -> ResolvedModel:
     if cfg.is_builtin:
         path = ensure_tiny_model(Path(cache_dir) / "builtin")
         return ResolvedModel(cfg.name, str(path), "builtin-v1", True)
-    if _looks_local(cfg.name):
-        path = Path(cfg.name).expanduser()
+    root = Path(root)
+    if _looks_local(cfg.name, root):
+        path = root / Path(cfg.name).expanduser()
         if not path.is_dir():
-            raise ModelError(f"model.name: local path {path} does not exist; point it at a model directory")
+            raise ModelError(f"model.name: local path {cfg.name} ({path}) does not exist; point it at a model directory")
         if not (path / "config.json").is_file():
             raise ModelError(f"model.name: {path} has no config.json; it must be a saved transformers model")
         if not any(path.glob("*.safetensors")):

@@ -30,7 +30,7 @@ def context(params: str | Path = "params.yaml", overrides: list[str] | None = No
 
 def base_tokenizer(ctx: StageContext) -> tuple[ResolvedModel, Any]:
     """The resolved base model and its tokenizer, with a pad token distinct from EOS."""
-    resolved = resolve_model(ctx.cfg.model, ctx.paths.cache)
+    resolved = resolve_model(ctx.cfg.model, ctx.paths.cache, ctx.paths.root)
     tokenizer = load_tokenizer(ctx.cfg.model, resolved)
     ensure_pad_token(tokenizer)
     return resolved, tokenizer

@@ -1,7 +1,7 @@
 """Prepared data on disk: train/eval Parquet, stats, validation report, length histogram.
 
 `write_prepared` builds everything in a temporary folder next to the target and swaps it in
-with renames, so a failed write leaves the previous output as it was.
+(qlora_pipeline.atomic), so a failed write leaves the previous output as it was.
 """
 
 from __future__ import annotations
@@ -9,15 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
 
+from qlora_pipeline.atomic import atomic_dir
 from qlora_pipeline.core.data.prepare import COLUMNS, PreparedData
 from qlora_pipeline.errors import DataError
 
@@ -58,30 +55,8 @@ def _write_files(prepared: PreparedData, folder: Path) -> None:
 
 def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
     """Write train/eval.parquet, stats.json, report.json and lengths.csv into out_dir, atomically."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_files(prepared, tmp)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    # A directory cannot be renamed over a non-empty one, so the old one steps aside first.
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_prepared(out_dir: Path, split: str) -> datasets.Dataset:

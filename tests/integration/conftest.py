@@ -35,6 +35,10 @@ TINY_PARAMS = {
 }
 
 
+# Where each test MLflow server keeps its store, by URL (for tests that inspect the raw files).
+SERVER_ROOTS: dict[str, Path] = {}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,6 +87,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    SERVER_ROOTS[url] = root
     try:
         wait_http(f"{url}/health", 120, proc)
         yield url

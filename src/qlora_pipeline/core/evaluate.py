@@ -15,6 +15,7 @@ import torch
 from sacrebleu.metrics import CHRF
 
 from qlora_pipeline.config import EvaluateConfig
+from qlora_pipeline.core.data import encode_prompt
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -46,12 +47,6 @@ def eval_loss(model, dataset, collator, batch_size: int) -> dict[str, float]:
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens}
 
 
-def _encode_prompt(tokenizer, text: str) -> list[int]:
-    # A rendered chat prompt may already carry BOS as text; never add a second one.
-    has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
-    return tokenizer(text, add_special_tokens=not has_bos).input_ids
-
-
 def chat_prompt(tokenizer, text: str) -> str:
     """A free-form prompt as the model expects it: through its chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
@@ -68,7 +63,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     device = next(model.parameters()).device
     outputs: list[str] = []
     for chunk in _batches(prompts, batch_size):
-        encoded = [_encode_prompt(tokenizer, p) for p in chunk]
+        encoded = [encode_prompt(tokenizer, p) for p in chunk]
         width = max(len(e) for e in encoded)
         # Left padding so every prompt ends where generation starts.
         input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@if [ "$(GPU)" = "1" ]; then $(PY) -m pip install -q "torch>=2.6,<2.15"; \
+	@if [ "$(GPU)" = "1" ]; then $(PY) -m pip install -q "torch>=2.8,<2.15"; \
 	else $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e '.[dev]' $(if $(filter 1,$(GPU)),'.[gpu]',)
 	touch $@
@@ -34,7 +34,7 @@ data:
 demo: setup
 	$(MAKE) data
 	. $(VENV)/bin/activate && dvc exp run $(DEMO_SET)
-	. $(VENV)/bin/activate && dvc metrics show && cat reports/samples.md | head -n 12
+	. $(VENV)/bin/activate && qlora report && head -n 6 reports/samples.md
 
 test: setup
 	. $(VENV)/bin/activate && python -m pytest -q

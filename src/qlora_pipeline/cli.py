@@ -3,6 +3,7 @@
     qlora prepare | train | evaluate | register      # what dvc.yaml runs
     qlora promote --version 3 --reason "A/B test"    # move `champion` by hand
     qlora check                                      # validate params.yaml and exit
+    qlora report                                     # the last run: base vs tuned, registration
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Merge, verify, register the model version and gate promotion."""
     from qlora_pipeline.stages import register as stage
+
+    _run(stage.run, params, set_)
+
+
+@app.command()
+def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Print the last run's metrics (base vs tuned) and its registered version."""
+    from qlora_pipeline.stages import report as stage
 
     _run(stage.run, params, set_)
 

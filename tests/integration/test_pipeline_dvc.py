@@ -146,6 +146,12 @@ def test_no_secret_is_recorded_anywhere(pipeline, mlflow_server):
         assert needle not in dumped
 
 
+def test_report_summarises_the_run(pipeline):
+    project, env, _ = pipeline
+    out = run(["qlora", "report"], project, env).stdout
+    assert "eval_loss" in out and "base" in out and "registered qlora-test v1" in out
+
+
 def test_second_repro_runs_nothing(pipeline, mlflow_server):
     from mlflow import MlflowClient
 

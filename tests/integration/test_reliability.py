@@ -154,3 +154,11 @@ def test_concurrent_promotions_leave_one_champion(registered, mlflow_server):
     assert holders == [champion.version]
     reason = client.get_model_version("qlora-idem", champion.version).tags["promotion_reason"]
     assert reason.startswith("manual by ") and f"race {champion.version}" in reason
+
+
+def test_promote_unknown_alias_or_version(registered):
+    project, env = registered
+    alias = run(["qlora", "promote", "--alias", "nosuch"], project, env, check=False)
+    assert alias.returncode != 0 and "qlora-idem has no alias 'nosuch'" in alias.stderr
+    version = run(["qlora", "promote", "--version", "99"], project, env, check=False)
+    assert version.returncode != 0 and "qlora-idem has no version 99" in version.stderr

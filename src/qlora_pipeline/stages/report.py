@@ -1,0 +1,44 @@
+"""report: the last pipeline run at a glance (base vs tuned, the registered version).
+
+    qlora report
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from qlora_pipeline.errors import QloraError
+from qlora_pipeline.stages.common import StageContext
+
+METRICS = ("eval_loss", "perplexity", "exact_match", "chrf")
+
+
+def _load(path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run(ctx: StageContext, console: Console | None = None) -> dict:
+    console = console or Console()
+    metrics = ctx.paths.metrics
+    evaluation, train, register = (_load(metrics / f"{n}.json") for n in ("eval", "train", "register"))
+    if not evaluation:
+        raise QloraError(f"{metrics / 'eval.json'} not found: run the pipeline first (`dvc repro`)")
+    table = Table(title=f"{ctx.cfg.model.name}: base vs tuned ({evaluation.get('eval_rows', '?')} eval rows)")
+    for column in ("metric", "base", "tuned"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for key in METRICS:
+        if key in evaluation:
+            table.add_row(key, f"{evaluation['base_' + key]:.4f}", f"{evaluation[key]:.4f}")
+    console.print(table)
+    if train:
+        console.print(
+            f"train: {train['global_step']} steps, loss {train['train_loss']:.4f}, "
+            f"{train['tokens_per_second']:.0f} tokens/s, {train['train_runtime_s']:.0f} s"
+        )
+    if register:
+        state = "promoted to champion" if register["promoted"] else f"not promoted (champion: v{register['champion_version']})"
+        console.print(f"registered {register['model_name']} v{register['version']}: {state}; {register['reason']}")
+    return {"eval": evaluation, "train": train, "register": register}

@@ -135,6 +135,19 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
     return dest
 
 
+def small_project(dest: Path) -> Path:
+    """A bare project (params.yaml for the tiny model, 40 instruction rows), no git or DVC."""
+    import json
+
+    (dest / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_params(dest, TINY_PARAMS)
+    raw = dest / "data" / "raw"
+    raw.mkdir(parents=True)
+    rows = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(40)]
+    (raw / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
 def project_env(project: Path, **extra: str) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from qlora_pipeline.cli import app
 
-from .conftest import REPO, TINY_PARAMS, set_params
+from .conftest import set_params, small_project
 
 pytestmark = pytest.mark.integration
 
@@ -132,13 +132,7 @@ def prepared_template(tmp_path_factory):
     """A small valid project, prepared once; each case works on a copy."""
     import shutil
 
-    project = tmp_path_factory.mktemp("template")
-    (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    set_params(project, TINY_PARAMS)
-    raw = project / "data" / "raw"
-    raw.mkdir(parents=True)
-    rows = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(40)]
-    (raw / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    project = small_project(tmp_path_factory.mktemp("template"))
     bare = tmp_path_factory.mktemp("bare")
     shutil.copytree(project, bare, dirs_exist_ok=True)
     result = CliRunner().invoke(app, ["prepare", "--params", str(project / "params.yaml")])

@@ -3,26 +3,18 @@ written. The full catalogue runs in-process in test_bad_input_catalogue.py."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
 
-from .conftest import BIN, REPO, TINY_PARAMS, project_env, set_params
+from .conftest import BIN, project_env, small_project
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def project(tmp_path):
-    """A minimal project: params.yaml with the tiny model and a small valid dataset."""
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    set_params(tmp_path, TINY_PARAMS)
-    raw = tmp_path / "data" / "raw"
-    raw.mkdir(parents=True)
-    rows = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(40)]
-    (raw / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tmp_path
+    return small_project(tmp_path)
 
 
 def qlora(project, *args, env=None):

@@ -137,13 +137,40 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = "adamw_torch"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int | Literal["auto"] = "auto"
+    """Recompute activations in the backward: true (every decoder layer), false, a number of layers,
+    or auto (on a GPU as few layers as memory_budget_gib needs; on a CPU every layer)."""
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
     seed: int = 42
     num_threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default."""
+    # The fast GPU path (core/fast.py). auto: on with a CUDA GPU, off on a CPU.
+    use_liger: bool | Literal["auto"] = "auto"
+    """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel (the `gpu` extra)."""
+    fused_lora: bool | Literal["auto"] = "auto"
+    """Add each LoRA update in one addmm instead of peft's clone + scale + add."""
+    padding_free: bool | Literal["auto"] = "auto"
+    """Drop pad tokens: each micro-batch becomes one row of samples, attention kept per sample."""
+    tune_micro_batch: bool = True
+    """On a GPU, trade per_device_batch_size against gradient_accumulation_steps (same product)."""
+    memory_budget_gib: float | Literal["auto"] = "auto"
+    """Peak GPU memory the plan aims under; auto: 90% of the GPU's memory."""
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _layer_count(cls, v: bool | int | str) -> bool | int | str:
+        if not isinstance(v, bool) and isinstance(v, int) and v < 0:
+            raise ValueError("must be true, false, auto or a number of layers >= 0")
+        return v
+
+    @field_validator("memory_budget_gib")
+    @classmethod
+    def _positive_budget(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("must be auto or a positive number of GiB, e.g. 14")
+        return v
 
 
 class EvaluateConfig(_Section):

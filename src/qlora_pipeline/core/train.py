@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from qlora_pipeline.config import TrainConfig
+from qlora_pipeline.core.fast import apply_fast_path
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ def train_adapter(
         torch.set_num_threads(cfg.num_threads)
     columns = [c for c in train_dataset.column_names if c not in MODEL_INPUT_COLUMNS]
     train_dataset = train_dataset.remove_columns(columns)
+    # GPU fast path (core/fast.py): may change the model, micro-batch x accumulation and collator.
+    model, cfg, collator, _ = apply_fast_path(model, cfg, collator, train_dataset)
     # Mixed precision only where the compute dtype asks for it; CPU autocast to bf16 is slower.
     on_gpu = torch.cuda.is_available()
     args = training_arguments(

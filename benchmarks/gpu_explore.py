@@ -1,0 +1,286 @@
+"""Exploratory sweep on one model (GPU): what the fast path's choices cost, in one process.
+
+    PYTHONPATH=$PWD/src python benchmarks/gpu_explore.py --shape 8b --out $OUT/explore.json
+
+Builds the shape once, attaches LoRA and the fast path (liger, fused LoRA, varlen attention),
+then times a few optimizer steps for each (micro-batch, recomputed layers, fused LoRA, LoRA
+dropout) setting, records peak memory next to the memory plan's estimate, times the attention
+kernels alone, and profiles one step by kernel family. Feeds the cost model in core/fast.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_train_bench as bench  # noqa: E402
+
+
+def matmul_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return round(10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12, 1)
+
+
+def attention_bench(shape: str) -> dict:
+    """Forward+backward time of the attention kernels alone, per layer, at batch x 2048."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from qlora_pipeline.core.fast import _varlen_call
+
+    s = bench.SHAPES[shape]
+    b, n, h, kvh, d = bench.BATCH[shape], 2048, s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
+    out = {}
+
+    def timeit(fn, reps=10):
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t) / reps * 1e3, 3)
+
+    q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, kvh, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, kvh, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def step(backend=backend):
+            with sdpa_kernel([backend]):
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            o.backward(torch.ones_like(o))
+        try:
+            out[f"sdpa_{name}_ms"] = timeit(step)
+        except Exception as exc:
+            out[f"sdpa_{name}_ms"] = f"error: {str(exc)[:120]}"
+    call = _varlen_call()
+    out["varlen_kwargs"] = str(call[1]) if call else None
+    if call:
+        attn, kw = call
+        for seg in (2048, 256):
+            qf = torch.randn(b * n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            kf = torch.randn(b * n, kvh, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            vf = torch.randn(b * n, kvh, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            cu = torch.arange(0, b * n + 1, seg, device="cuda", dtype=torch.int32)
+
+            def vstep():
+                o = attn(qf, kf, vf, cu, cu, seg, seg, **kw)
+                o.backward(torch.ones_like(o))
+            try:
+                out[f"varlen_seg{seg}_ms"] = timeit(vstep)
+            except Exception as exc:
+                out[f"varlen_seg{seg}_ms"] = f"error: {str(exc)[:200]}"
+    flops = 6.0 * n * n * h * d * b  # causal fwd + bwd model FLOPs, one layer
+    out["model_tflop_per_layer"] = round(flops / 1e12, 3)
+    return out
+
+
+def set_dropout(model, p: float) -> None:
+    import torch
+
+    for module in model.modules():
+        drop = getattr(module, "lora_dropout", None)
+        if isinstance(drop, torch.nn.ModuleDict):
+            for name in list(drop.keys()):
+                drop[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+
+
+def profile_step(step_fn, gpu: bool = True) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step_fn()
+    if gpu:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU] if gpu else [ProfilerActivity.CPU]) as prof:
+        step_fn()
+        if gpu:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3
+    families = {  # first match wins (flash kernels carry "cutlass" in their names: attention first)
+        "attention": ("flash", "fmha", "attention", "cudnn"),
+        "gemm": ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas", "gemv"),
+        "dequant_4bit": ("kdequantize", "dequant"),
+        "liger": ("rms_norm", "swiglu", "rope", "cross_entropy", "liger", "element_mul"),
+        "dropout": ("dropout", "bernoulli", "philox"),
+        "elementwise": ("elementwise", "vectorized", "unrolled", "copy", "fill", "cat"),
+        "reduce": ("reduce", "norm", "sum"),
+        "other triton": ("triton", "_kernel"),
+    }
+    sums: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        # op-level rows (aten::, bitsandbytes::, autograd Functions, the optimizer) repeat their kernels' time
+        op_row = re.fullmatch(r"[\w.]+::[\w.]+", e.key) or e.key.startswith(("autograd", "Optimizer")) or e.key.endswith(("Function", "Backward"))
+        if not dev_us or op_row:
+            continue
+        name = e.key.lower()
+        fam = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        sums[fam] = sums.get(fam, 0.0) + dev_us / 1e3
+        kernels.append((dev_us / 1e3, e.count, e.key[:110]))
+    kernels.sort(reverse=True)
+    return {
+        "wall_ms": round(wall_ms, 1),
+        "gpu_busy_ms": round(sum(sums.values()), 1),
+        "by_family_ms": {k: round(v, 1) for k, v in sorted(sums.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"ms": round(ms, 2), "calls": c, "name": n} for ms, c, n in kernels[:25]],
+    }
+
+
+def main() -> int:
+    import torch
+
+    from qlora_pipeline.config import TrainConfig
+    from qlora_pipeline.core import fast
+    from qlora_pipeline.core.model import apply_lora
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="8b")
+    p.add_argument("--configs", default="4:32,4:0,4:16,2:32,2:16,2:8,2:0,1:32,1:16,1:8,1:0,8:32")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--budget-gib", type=float, default=14.2)
+    p.add_argument("--out", default="")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run on the tiny shape")
+    args = p.parse_args()
+    out_path = Path(args.out) if args.out else None
+    gpu = args.device == "cuda"
+    dev = args.device
+    report: dict = {"env": bench.environment(dev), "matmul_tflops": matmul_tflops() if gpu else None}
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    def peak_gib():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else 0.0
+
+    def reset_peak():
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.empty_cache()
+
+    def save():
+        if out_path:
+            out_path.write_text(json.dumps(report, indent=1))
+        print(json.dumps(report)[-400:], flush=True)
+
+    report["attention"] = attention_bench(args.shape) if gpu else None
+    save()
+
+    shape, seq = args.shape, bench.SEQ_LEN[args.shape]
+    t = time.perf_counter()
+    model = bench.build_model(shape, dev, torch.bfloat16 if gpu else torch.float32)
+    model = apply_lora(model, bench.lora_settings(bench.LORA["dropout"]), gradient_checkpointing="auto")
+    cfg = TrainConfig(per_device_batch_size=bench.BATCH[shape], gradient_accumulation_steps=1, memory_budget_gib=args.budget_gib)
+    model, cfg2, collator, rep = fast.apply_fast_path(model, cfg, bench.collate_padded, max_seq_len=seq)
+    report["build_s"] = round(time.perf_counter() - t, 1)
+    report["fast_path"] = rep.describe()
+    static = fast.static_training_bytes(model) if gpu else 0.0
+    report["static_gib"] = round(static / 2**30, 2)
+    dims = fast.ModelDims.from_config(fast.unwrap(model).config)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    samples = bench.make_samples([seq] * 16, bench.SHAPES[shape]["vocab_size"], 0)
+    rows = [{"input_ids": s} for s in samples]
+    model.train()
+
+    def run(b: int, steps: int) -> tuple[float, float]:
+        data = bench.batches(rows, b, collator)
+        reset_peak()
+        times = []
+        for i in range(steps + 1):
+            batch, real, _ = next(data)
+            batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if i:
+                times.append(time.perf_counter() - t0)
+        tok_s = b * seq / (sum(times) / len(times))
+        return round(tok_s, 1), peak_gib()
+
+    sweep = []
+    report["sweep"] = sweep
+    variants = [(c, True, bench.LORA["dropout"]) for c in args.configs.split(",")]
+    variants += [("2:16", False, bench.LORA["dropout"]), ("2:16", True, 0.0), ("1:0", True, 0.0), ("4:32", True, 0.0)]
+    for config, fused, dropout in variants:
+        b, k = (int(x) for x in config.split(":"))
+        if not fused:
+            fast.unfuse_lora(model)
+        set_dropout(model, dropout)
+        fast.set_checkpointed_layers(model, k)
+        est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=dropout) / 2**30
+        try:
+            tok_s, peak = run(b, args.steps)
+            row = dict(micro=b, ckpt_layers=k, fused=fused, dropout=dropout, tokens_per_s=tok_s, peak_gib=peak, est_gib=round(est, 2))
+        except torch.OutOfMemoryError:
+            row = dict(micro=b, ckpt_layers=k, fused=fused, dropout=dropout, error="oom", est_gib=round(est, 2))
+        opt.zero_grad(set_to_none=True)
+        reset_peak()
+        if not fused:
+            fast.fuse_lora(model)
+        sweep.append(row)
+        print(row, flush=True)
+        save()
+    set_dropout(model, bench.LORA["dropout"])
+
+    # The plan for the target budget, run as planned, then profiled
+    plan = fast.plan_memory(
+        dims, seq_len=seq, batch_size=bench.BATCH[shape], accumulation=1, static_bytes=static,
+        budget_gib=args.budget_gib, checkpointing="auto", tune_micro_batch=True, liger=rep.liger,
+        lora_dropout=bench.LORA["dropout"],
+    )
+    report["plan_at_budget"] = plan.describe()
+    fast.set_checkpointed_layers(model, plan.checkpoint_layers)
+    tok_s, peak = run(plan.micro_batch_size, args.steps)
+    report["plan_run"] = dict(tokens_per_s=tok_s, peak_gib=peak)
+    save()
+
+    data = bench.batches(rows, plan.micro_batch_size, collator)
+
+    def one_step():
+        batch, _, _ = next(data)
+        batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    report["profile_plan"] = profile_step(one_step, gpu)
+    save()
+    fast.set_checkpointed_layers(model, 0)
+    data = bench.batches(rows, 2, collator)
+    report["profile_2x0"] = profile_step(one_step, gpu)
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,8 @@ host=${MLFLOW_HOST:-127.0.0.1}
 port=${MLFLOW_PORT:-5000}
 mlflow_bin=${MLFLOW_BIN:-$(command -v mlflow || echo "$here/../.venv/bin/mlflow")}
 mkdir -p "$here/artifacts"
+# The server's background job workers serve GenAI features this pipeline does not use.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 exec "$mlflow_bin" server \
   --backend-store-uri "sqlite:///$here/mlflow.db" \
   --artifacts-destination "$here/artifacts" \

@@ -54,8 +54,9 @@ def setup(paths: ProjectPaths, experiment: str) -> str:
     if uri.startswith("sqlite:///"):
         paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
+        if uri.startswith(("http://", "https://")):
+            _probe(uri)
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
             return found.experiment_id
@@ -69,6 +70,13 @@ def setup(paths: ProjectPaths, experiment: str) -> str:
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); start it with mlflow/server.sh, "
             f"or set MLFLOW_TRACKING_URI to a reachable server (unset it for the local store under mlflow/)"
         ) from None
+
+
+def _probe(uri: str, timeout_s: float = 10.0) -> None:
+    """One quick request, so a server that is down fails in seconds, not after MLflow's retries."""
+    import requests
+
+    requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
 
 
 def extra_tags() -> dict[str, str]:

@@ -118,6 +118,7 @@ def test_registered_model_loads_by_alias(pipeline, mlflow_server):
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
     components = mlflow.transformers.load_model("models:/qlora-test@champion", return_type="components")
     assert components["model"].config.model_type == "llama"
     assert components["tokenizer"].eos_token == "</s>"

@@ -144,6 +144,7 @@ def test_concurrent_promotions_leave_one_champion(registered, mlflow_server):
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
     v2 = mlflow.register_model(v1.source, "qlora-idem")
     procs = [start([str(BIN / "qlora"), "promote", "--version", v, "--reason", f"race {v}"], project, env) for v in ("1", v2.version)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]

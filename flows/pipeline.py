@@ -1,0 +1,276 @@
+"""The pipeline as a Prefect flow: prepare -> train -> evaluate -> register, each one `dvc repro`.
+
+    python -m flows.run -S train.max_steps=10      # once, now, on a temporary local Prefect server
+    python -m flows.deploy                         # deployment `qlora-pipeline/gpu` on work pool `gpu`
+
+A flow run
+1. validates its overrides (dotted params.yaml keys, like `dvc exp run -S`) with the pipeline's
+   config code, so a bad value fails the run with the validation message before anything runs;
+2. checks out the commit in its own git worktree that shares the project's DVC cache
+   (workspace.py), so runs triggered together never share a params.yaml, dvc.lock or output;
+3. runs each stage as a task through DVC, which decides what is stale and records lineage in
+   dvc.lock; the GPU stages hold a global concurrency slot, so one GPU never trains twice at once;
+4. saves the result as a DVC experiment and publishes a markdown artifact with the metrics, the
+   registered version, and links to the MLflow run and the experiment.
+
+Retries only where a failure can pass (the MLflow store or registry unreachable or busy): never on
+train, whose restart would redo the work; a new run with the same params resumes its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import deployment, flow_run
+from prefect.tasks import exponential_backoff
+
+from flows import workspace
+from flows.dvc_stage import StageFailed, StageResult, run_stage, stage_env
+from flows.summary import RunRecord, render
+from flows.workspace import Workspace
+from qlora_pipeline.config import PipelineConfig
+
+STAGES = ("prepare", "train", "evaluate", "register")
+GPU_STAGES = ("train", "evaluate", "register")  # register merges and scores the model
+GPU_LIMIT_ENV = "QLORA_GPU_LIMIT"
+ARTIFACT_KEY = "qlora-pipeline-run"
+DEFAULT_TIMEOUTS_S = {
+    "prepare": 2 * 3600,
+    "train": 48 * 3600,
+    "evaluate": 6 * 3600,
+    "register": 6 * 3600,
+}
+SETUP_TIMEOUT_S = 15 * 60  # checkout, tracking check, experiment save
+# 10 s, 20 s, 40 s (+ up to 50% jitter): enough for a tracking server restart or a SQLite lock.
+TRANSIENT_RETRIES = 3
+TRANSIENT_BACKOFF_S = 10
+
+
+def only_transient(task, task_run, state) -> bool:
+    """Retry condition: the tracking store or registry was unreachable or busy."""
+    from qlora_pipeline.errors import RegistryError
+
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return isinstance(exc, RegistryError) or (isinstance(exc, StageFailed) and exc.transient)
+
+
+@task(name="validate-params", cache_policy=NO_CACHE, timeout_seconds=120)
+def validate_params(project: Path, commit: str, overrides: dict[str, Any]) -> PipelineConfig:
+    """Validate the overrides against params.yaml at the commit, with the pipeline's config code."""
+    return workspace.validate_overrides(project, commit, overrides)
+
+
+@task(name="checkout", cache_policy=NO_CACHE, timeout_seconds=SETUP_TIMEOUT_S)
+def checkout(project: Path, run_id: str, commit: str, experiment: str, overrides: dict[str, Any]) -> Workspace:
+    """Make this run's worktree, with the overrides written to its params.yaml."""
+    ws = workspace.create(project, run_id, commit, experiment)
+    try:
+        workspace.write_params(ws, overrides)
+    except BaseException:
+        workspace.remove(ws)
+        raise
+    logger = get_run_logger()
+    logger.info("workspace %s at %s", ws.path, commit[:10])
+    if ws.uncommitted_data:
+        logger.warning("using uncommitted %s from %s; commit it to pin the data to the code", ", ".join(ws.uncommitted_data), project)
+    return ws
+
+
+TRANSIENT_ONLY = dict(
+    retries=TRANSIENT_RETRIES,
+    retry_delay_seconds=exponential_backoff(TRANSIENT_BACKOFF_S),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=only_transient,
+)
+
+
+@task(name="connect-tracking", cache_policy=NO_CACHE, timeout_seconds=SETUP_TIMEOUT_S, **TRANSIENT_ONLY)
+def connect_tracking(project: Path, experiment: str) -> tuple[str, str]:
+    """Reach the MLflow store and make sure the experiment exists; returns (tracking URI, experiment id).
+
+    Done from the project root, not the run's checkout, so a new local store keeps its artifacts
+    under the project's mlflow/ folder, where they outlive the checkout.
+    """
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a note on an optional kernels package
+    from qlora_pipeline import tracking
+    from qlora_pipeline.paths import ProjectPaths
+
+    paths = ProjectPaths.at(project)
+    return tracking.tracking_uri(paths), tracking.setup(paths, experiment)
+
+
+@task(name="prepare", cache_policy=NO_CACHE, **TRANSIENT_ONLY)
+def prepare(ws: Workspace, extra_env: dict[str, str], force: bool) -> StageResult:
+    """Validate and tokenize data/raw (`dvc repro --single-item prepare`)."""
+    return run_stage("prepare", ws.path, stage_env(extra_env), get_run_logger(), force)
+
+
+@task(name="train", cache_policy=NO_CACHE)  # no retries: a restart would redo the training
+def train(ws: Workspace, extra_env: dict[str, str], force: bool) -> StageResult:
+    """Train the LoRA adapter on the 4-bit base model (`dvc repro --single-item train`)."""
+    return run_stage("train", ws.path, stage_env(extra_env), get_run_logger(), force)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, **TRANSIENT_ONLY)
+def evaluate(ws: Workspace, extra_env: dict[str, str], force: bool) -> StageResult:
+    """Score base and tuned models on the eval split (`dvc repro --single-item evaluate`)."""
+    return run_stage("evaluate", ws.path, stage_env(extra_env), get_run_logger(), force)
+
+
+@task(name="register", cache_policy=NO_CACHE, **TRANSIENT_ONLY)  # idempotent: one version per training run
+def register(ws: Workspace, extra_env: dict[str, str], force: bool) -> StageResult:
+    """Merge, verify, register the version and gate promotion (`dvc repro --single-item register`)."""
+    return run_stage("register", ws.path, stage_env(extra_env), get_run_logger(), force)
+
+
+STAGE_TASKS = {"prepare": prepare, "train": train, "evaluate": evaluate, "register": register}
+
+
+@task(name="save-experiment", cache_policy=NO_CACHE, timeout_seconds=SETUP_TIMEOUT_S)
+def save_experiment(ws: Workspace) -> str:
+    """Save params, dvc.lock and outputs as a DVC experiment; returns its commit."""
+    sha = workspace.save_experiment(ws)
+    get_run_logger().info("saved DVC experiment %s (%s)", ws.experiment, sha[:10])
+    return sha
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE, timeout_seconds=300)
+def publish_summary(record: RunRecord, ws: Workspace) -> dict[str, Any]:
+    """Read the stages' outputs and publish the run's markdown artifact."""
+    for attr, rel in (("run_info", "models/adapter/run.json"), ("eval_metrics", "metrics/eval.json"), ("register", "metrics/register.json")):
+        path = ws.path / rel
+        if path.is_file():
+            setattr(record, attr, json.loads(path.read_text()))
+    markdown = render(record)
+    create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description=f"QLoRA pipeline run {record.flow_run_name}")
+    return {
+        "eval": record.eval_metrics,
+        "register": record.register,
+        "mlflow_run_id": record.run_info.get("run_id"),
+        "dvc_experiment": record.experiment,
+        "dvc_experiment_commit": record.experiment_commit,
+        "commit": record.commit,
+        "stages": {s.stage: s.status for s in record.stages},
+    }
+
+
+def gpu_limit_name() -> str:
+    """One slot per GPU host: `gpu-<hostname>` unless QLORA_GPU_LIMIT names another limit."""
+    return os.environ.get(GPU_LIMIT_ENV) or f"gpu-{socket.gethostname()}"
+
+
+def ensure_limit(name: str, slots: int = 1) -> None:
+    """Create the global concurrency limit if it does not exist (an existing one keeps its slots)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            except ObjectAlreadyExists:
+                pass  # another run created it first
+
+
+@contextmanager
+def gpu_slot(name: str, stage: str) -> Iterator[None]:
+    """Hold one slot of the GPU limit for a stage; waiting here does not count against its timeout."""
+    logger = get_run_logger()
+    logger.info("%s: waiting for a slot of concurrency limit %r", stage, name)
+    waited = time.monotonic()
+    with concurrency(name, occupy=1, strict=True):
+        logger.info("%s: got the slot after %.0fs", stage, time.monotonic() - waited)
+        yield
+
+
+def _timeouts(overrides: dict[str, float] | None) -> dict[str, float]:
+    unknown = set(overrides or {}) - set(STAGES)
+    if unknown:
+        raise ValueError(f"timeouts_s: unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
+    return {**DEFAULT_TIMEOUTS_S, **(overrides or {})}
+
+
+def _flow_run_tags(run_id: str, run_name: str, experiment: str) -> dict[str, str]:
+    tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_name": run_name, "dvc.experiment": experiment}
+    if deployment.name:
+        tags["prefect.deployment"] = deployment.name
+    if (url := flow_run.ui_url) and url.startswith("http"):  # None/... without PREFECT_UI_URL
+        tags["prefect.flow_run_url"] = url
+    return tags
+
+
+@flow(name="qlora-pipeline")
+def qlora_pipeline(
+    overrides: dict[str, Any] | None = None,
+    git_rev: str = "HEAD",
+    force: bool = False,
+    timeouts_s: dict[str, float] | None = None,
+    keep_workspace: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune, evaluate and register a QLoRA adapter: the DVC pipeline, run by Prefect.
+
+    Args:
+        overrides: params.yaml values for this run, by dotted key, e.g. {"train.learning_rate": 1e-4}.
+        git_rev: the commit (branch, tag, sha) of the project to run; uncommitted edits are not used.
+        force: run every stage even if DVC finds it up to date (`dvc repro --force`).
+        timeouts_s: per-stage timeouts in seconds, e.g. {"train": 7200}; defaults in DEFAULT_TIMEOUTS_S.
+        keep_workspace: keep the run's git worktree under .prefect/runs/ after the run (for debugging).
+    """
+    logger = get_run_logger()
+    overrides = dict(overrides or {})
+    timeouts = _timeouts(timeouts_s)
+    project = workspace.project_root()
+    commit = workspace.resolve_commit(project, git_rev)
+    if git_rev == "HEAD" and (dirty := workspace.uncommitted_changes(project)):
+        logger.warning("running commit %s; uncommitted changes are not used: %s", commit[:10], ", ".join(dirty))
+
+    cfg = validate_params(project, commit, overrides)
+    run_id, run_name = flow_run.id or "local", flow_run.name or "local"
+    experiment = f"{run_name}-{run_id[:8]}"
+    uri, _ = connect_tracking(project, cfg.tracking.experiment)
+    ws = checkout(project, run_id, commit, experiment, overrides)
+    record = RunRecord(
+        flow_run_name=run_name, flow_run_id=run_id, commit=commit, experiment=experiment,
+        overrides=overrides, tracking_uri=uri, git_remote=_git_remote(project),
+    )
+    try:
+        extra_env = {
+            "MLFLOW_TRACKING_URI": uri,  # the project's store, not one inside the checkout
+            "QLORA_TAGS": json.dumps(_flow_run_tags(run_id, run_name, experiment)),
+        }
+        limit = gpu_limit_name()
+        ensure_limit(limit)
+        for stage in STAGES:
+            stage_task = STAGE_TASKS[stage].with_options(timeout_seconds=timeouts[stage])
+            if stage in GPU_STAGES:
+                with gpu_slot(limit, stage):
+                    record.stages.append(stage_task(ws, extra_env, force))
+            else:
+                record.stages.append(stage_task(ws, extra_env, force))
+        record.experiment_commit = save_experiment(ws)
+        return publish_summary(record, ws)
+    finally:
+        if keep_workspace:
+            logger.info("kept workspace %s", ws.path)
+        else:
+            workspace.remove(ws)
+
+
+def _git_remote(project: Path) -> str | None:
+    try:
+        return workspace.git(project, "remote", "get-url", "origin") or None
+    except workspace.WorkspaceError:
+        return None

@@ -110,6 +110,9 @@ def test_registered_version_has_aliases_and_lineage(pipeline, mlflow_server):
     assert float(tags["merge_max_abs_logit_diff"]) <= float(tags["merge_tolerance"])
     run_data = client.get_run(register["run_id"]).data
     assert run_data.params["lora.r"] == "16" and "eval_loss" in run_data.metrics
+    artifacts = {a.path for a in client.list_artifacts(register["run_id"], "data")}
+    assert {"data/report.json", "data/stats.json", "data/token_lengths.png"} <= artifacts
+    assert run_data.metrics["data_rows_train"] > 0
     history = client.get_metric_history(register["run_id"], "loss")
     assert [m.step for m in history] == [1, 2, 4, 6, 8, 10, 12]
 

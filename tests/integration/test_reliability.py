@@ -42,7 +42,17 @@ def wait_for(predicate, timeout_s: float, what: str, proc=None) -> None:
 
 
 def start(cmd: list[str], project: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Output to a file, not a pipe: nobody reads while waiting, and a full pipe would block the child.
+    log = open(project.parent / f"{project.name}-{cmd[-1]}-{time.monotonic_ns()}.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout_s: float) -> str:
+    proc.wait(timeout=timeout_s)
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def adapter_weights(project: Path) -> dict[str, torch.Tensor]:
@@ -107,7 +117,7 @@ def test_sigterm_ends_the_run_killed(tmp_path, mlflow_server):
     proc = start(["qlora", "train"], project, env)
     wait_for(lambda: bool(checkpoints(project)), 300, "a checkpoint", proc)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
+    output = finish(proc, 60)
     assert proc.returncode != 0
     run_id = json.loads(next(project.glob("checkpoints/*/mlflow_run.json")).read_text())["run_id"]
     record = MlflowClient(tracking_uri=mlflow_server).get_run(run_id)
@@ -147,7 +157,7 @@ def test_concurrent_promotions_leave_one_champion(registered, mlflow_server):
     mlflow.set_registry_uri(mlflow_server)
     v2 = mlflow.register_model(v1.source, "qlora-idem")
     procs = [start([str(BIN / "qlora"), "promote", "--version", v, "--reason", f"race {v}"], project, env) for v in ("1", v2.version)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    outputs = [finish(p, 120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     champion = client.get_model_version_by_alias("qlora-idem", "champion")
     assert champion.version in ("1", v2.version)

@@ -43,6 +43,27 @@ def checkpoint_key(ctx: StageContext) -> str:
     return digest.hexdigest()[:16]
 
 
+def log_data_report(paths) -> None:
+    """The prepare stage's stats, validation report and token-length histogram, into the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = json.loads((paths.prepared / "stats.json").read_text())
+    mlflow.log_metrics({f"data_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for name in ("stats.json", "report.json", "lengths.csv"):
+        mlflow.log_artifact(str(paths.prepared / name), artifact_path="data")
+    rows = [line.split(",") for line in (paths.prepared / "lengths.csv").read_text().splitlines()[1:]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([int(b) for b, _ in rows], [int(c) for _, c in rows], width=(int(rows[1][0]) - int(rows[0][0])) if len(rows) > 1 else 1, align="edge")
+    ax.set_xlabel("tokens per row")
+    ax.set_ylabel("rows")
+    ax.set_title("Token length histogram (train + eval)")
+    mlflow.log_figure(fig, "data/token_lengths.png")
+    plt.close(fig)
+
+
 def _previous_run_id(checkpoint_dir: Path) -> str | None:
     info = checkpoint_dir / "mlflow_run.json"
     if any(checkpoint_dir.glob("checkpoint-*")) and info.is_file():
@@ -83,6 +104,7 @@ def run(ctx: StageContext) -> dict:
                 ),
                 context="training",
             )
+            log_data_report(paths)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         result = train_adapter(
             model,

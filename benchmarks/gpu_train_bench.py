@@ -24,6 +24,9 @@ Recipes (each in its own process, so patches and allocator state never leak betw
                 original* peak of this run (or --fast-budget-gib): liger, fused LoRA, padding-free
                 packed batches with varlen (or cuDNN) attention, planned checkpointing and micro-batch
   fast_max      the fast path with the whole GPU as its budget (memory_budget_gib: auto)
+  fast_compiled the fast path with train.compile: true (torch.compile of each decoder layer; liger
+                keeps only its fused linear+cross-entropy), same budget as fast
+  fast_compiled_m4  fast_compiled with the micro-batch kept at the configured size (no tuning)
 
 MFU = model FLOPs / time / 790 TFLOP/s (the H200's measured dense bf16 rate, ../shared/gpu/README.md).
 Model FLOPs count the frozen base's forward and activation-gradient backward, per real token
@@ -70,7 +73,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 BATCH = {"1b": 8, "8b": 4, "tiny": 4}
 SEQ_LEN = {"1b": 2048, "8b": 2048, "tiny": 128}
 LORA = dict(r=16, alpha=32, dropout=0.05)  # the pipeline's params.yaml lora section
-VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0  # log-normal sample lengths, capped at SEQ_LEN
+VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0
+BUDGETED = ("fast", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +166,7 @@ def setup_recipe(model, spec: dict[str, Any]):
     if recipe in ("plain", "plain_nockpt"):
         model = apply_lora(model, lora_settings(dropout), gradient_checkpointing=recipe == "plain")
         return model, batch, 1, collate_padded, None
-    # fast, fast_max: the pipeline's own call (core/train.py makes the same one)
+    # fast, fast_max, fast_compiled*: the pipeline's own call (core/train.py makes the same one)
     on_gpu = spec["device"] == "cuda"
     cfg = TrainConfig(
         per_device_batch_size=batch,
@@ -171,8 +175,9 @@ def setup_recipe(model, spec: dict[str, Any]):
         use_liger="auto" if on_gpu else False,
         fused_lora=True,
         padding_free=True,
-        tune_micro_batch=True,
+        tune_micro_batch=recipe != "fast_compiled_m4",
         memory_budget_gib=spec.get("budget_gib") or "auto",
+        compile=recipe.startswith("fast_compiled"),
     )
     model = apply_lora(model, lora_settings(dropout), gradient_checkpointing="auto")
     model, cfg, collator, report = apply_fast_path(model, cfg, collate_padded, max_seq_len=spec["seq_len"])
@@ -318,6 +323,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(step_loss))  # one sync per optimizer step
         step_times.append(time.perf_counter())
+        if step == 0:
+            first_step_s = time.perf_counter() - t0  # includes compiling, when the recipe compiles
     sync()
     elapsed = time.perf_counter() - t0
     result = {
@@ -325,6 +332,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "micro_batch": micro,
         "accumulation": accum,
         "build_s": round(build_s, 1),
+        "first_step_s": round(first_step_s, 1),
         "timed_s": round(elapsed, 3),
         "real_tokens": tokens_timed,
         "tokens_per_s": round(tokens_timed / elapsed, 1),
@@ -335,6 +343,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if on_gpu:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    if report is not None and report.compiled_layers:
+        from torch._dynamo.utils import counters
+
+        result["dynamo"] = {
+            "unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": {k[:200]: v for k, v in counters["graph_break"].items()},
+            "recompiles": counters["recompiles"].get("total", 0) if "recompiles" in counters else None,
+        }
     if report is not None:
         result["fast_path"] = report.describe()
         result["plan"] = {
@@ -346,6 +362,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "varlen_attention": report.varlen_attention,
             "liger": report.liger,
             "fused_lora_modules": report.fused_lora_modules,
+            "compiled_layers": report.compiled_layers,
         }
     return result
 
@@ -381,16 +398,18 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for shape in {r["shape"] for r in results}:
         for workload in ("fixed", "variable"):
             by = {r["recipe"]: r for r in results if r["shape"] == shape and r["workload"] == workload and "error" not in r and not r.get("check")}
-            fast = by.get("fast")
-            if not fast:
-                continue
             row = {"shape": shape, "workload": workload}
-            for base in ("original", "original_noamp", "plain", "plain_nockpt"):
-                if base in by:
-                    row[f"fast_over_{base}_speed"] = round(fast["tokens_per_s"] / by[base]["tokens_per_s"], 2)
-                    if "peak_gib" in fast and "peak_gib" in by[base]:
-                        row[f"fast_over_{base}_memory"] = round(fast["peak_gib"] / by[base]["peak_gib"], 3)
-            out.append(row)
+            for name in ("fast", "fast_compiled", "fast_compiled_m4"):
+                fast = by.get(name)
+                if not fast:
+                    continue
+                for base in ("original", "original_noamp", "plain", "plain_nockpt", "fast"):
+                    if base in by and base != name:
+                        row[f"{name}_over_{base}_speed"] = round(fast["tokens_per_s"] / by[base]["tokens_per_s"], 2)
+                        if "peak_gib" in fast and "peak_gib" in by[base]:
+                            row[f"{name}_over_{base}_memory"] = round(fast["peak_gib"] / by[base]["peak_gib"], 3)
+            if len(row) > 2:
+                out.append(row)
     return out
 
 
@@ -485,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             original_peaks = []
             for recipe in args.recipes.split(","):
                 spec = dict(base, workload=workload, recipe=recipe)
-                if recipe == "fast" and args.device == "cuda":
+                if recipe in BUDGETED and args.device == "cuda":
                     spec["budget_gib"] = args.fast_budget_gib or (0.6 * min(original_peaks) if original_peaks else None)
                 r = spawn(spec, args.timeout_s)
                 if recipe.startswith("original") and "peak_gib" in r:

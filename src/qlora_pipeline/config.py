@@ -157,6 +157,10 @@ class TrainConfig(_Section):
     """On a GPU, trade per_device_batch_size against gradient_accumulation_steps (same product)."""
     memory_budget_gib: float | Literal["auto"] = "auto"
     """Peak GPU memory the plan aims under; auto: 90% of the GPU's memory."""
+    compile: bool | Literal["auto"] = False
+    """torch.compile each decoder layer (removes the per-layer Python overhead; the first step pays
+    the compile). auto: on with a CUDA GPU. Off by default: no speed-up measured on an H200
+    (benchmarks/README.md)."""
 
     @field_validator("gradient_checkpointing")
     @classmethod

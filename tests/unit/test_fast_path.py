@@ -44,6 +44,7 @@ def test_checkpointing_knob_accepts_bool_auto_or_layer_count(value):
         ({"use_liger": "sometimes"}, "train.use_liger"),
         ({"padding_free": "maybe"}, "train.padding_free"),
         ({"fused_lora": 3}, "train.fused_lora"),
+        ({"compile": "sometimes"}, "train.compile"),
         ({"fast_path": True}, "train.fast_path: unknown key"),
     ],
 )
@@ -56,6 +57,32 @@ def test_auto_knobs_switch_everything_off_on_a_cpu():
     opts = fast.resolve_options(TrainConfig(), "cpu")
     assert (opts.liger, opts.fused_lora, opts.padding_free, opts.tune_micro_batch) == (False, False, False, False)
     assert opts.checkpointing is True and opts.memory_budget_gib is None
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_compile_knob_accepts_bool_or_auto_and_defaults_off(value):
+    assert TrainConfig().compile is False
+    assert validate_params({"train": {"compile": value}}).train.compile == value
+    # auto means "with CUDA": off on a CPU; true is honoured on a CPU too (torch.compile runs there)
+    assert fast.resolve_options(TrainConfig(compile=value), "cpu").compile is (value is True)
+
+
+def test_compile_forced_on_where_torch_compile_is_disabled_fails_clearly(monkeypatch):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    assert fast.resolve_options(TrainConfig(compile="auto"), "cpu").compile is False
+    with pytest.raises(RuntimeError, match="train.compile is true but it is not available"):
+        fast.resolve_options(TrainConfig(compile=True), "cpu")
+
+
+def test_compiled_plan_keeps_the_measured_fastest_choice():
+    # H200, 8B, 14.2 GiB (benchmarks/README.md): compiled, 4 x 2048 with 30/32 recomputed ran 10,139
+    # tokens/s and 1 x 2048 x 4 with 15/32 only 6,937, so the compiled cost model must keep 4 x 2048
+    eager, compiled = plan_8b(14.2), plan_8b(14.2, compiled=True)
+    assert (eager.micro_batch_size, eager.checkpoint_layers) == (4, 30)
+    assert (compiled.micro_batch_size, compiled.checkpoint_layers, compiled.fits) == (4, 30, True)
+    dims = fast.ModelDims.from_config(LlamaConfig(**LLAMA_8B))
+    one = 4 * fast.step_seconds(dims, 2048, 2048, 15, compiled=True)
+    assert 0.9 < one / (8192 / 6937) < 1.1  # the measured 1 x 2048 x 4 step time
 
 
 def test_liger_forced_on_without_liger_fails_clearly(monkeypatch):
@@ -210,6 +237,48 @@ def test_fast_path_trains_through_the_pipeline(tiny, tmp_path, tiny_cfg, monkeyp
     params = dict(model.named_parameters())
     assert any(not torch.equal(lora_before[n], params[n]) for n in lora_before)
     assert all(torch.equal(base_before[n], params[n]) for n in base_before)
+
+
+def test_compile_auto_leaves_a_cpu_model_eager(tiny):
+    cfg, _, model = tiny
+    model = apply_lora(model, cfg.lora, gradient_checkpointing="auto")
+    model, _, _, report = fast.apply_fast_path(model, TrainConfig(compile="auto"), None, max_seq_len=16)
+    assert report.compiled_layers == 0 and "not compiled" in report.describe()
+    assert all(layer._compiled_call_impl is None for layer in fast.decoder_layers(model))
+
+
+def test_compiled_layers_train_like_eager_ones(tiny, monkeypatch):
+    """train.compile: true on the CPU: every decoder layer compiled (aot_eager here: the same tracing
+    through bitsandbytes' 4-bit ops, peft's LoRA and checkpointing, without building kernels), one
+    of two layers recomputed; loss and LoRA gradients match the eager model's."""
+    cfg, _, model = tiny
+    monkeypatch.setattr(fast, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}), gradient_checkpointing=1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(3, 200, (2, 12))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss.detach(), torch.autograd.grad(loss, trainable)
+
+    ref_loss, ref_grads = loss_and_grads()
+    train_cfg = TrainConfig(compile=True, fused_lora=True, gradient_checkpointing=1)
+    model, _, _, report = fast.apply_fast_path(model, train_cfg, None, max_seq_len=12)
+    layers = fast.decoder_layers(model)
+    assert report.compiled_layers == len(layers) == 2 and "2 layers compiled" in report.describe()
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    try:
+        for _ in range(2):  # the second call runs the cached graph
+            loss, grads = loss_and_grads()
+            assert torch.allclose(loss, ref_loss, rtol=1e-5)
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, ref_grads))
+    finally:
+        torch._dynamo.reset()
 
 
 # --- the benchmark's own code path (benchmarks/gpu_train_bench.py --device cpu --tiny) ----------

@@ -15,7 +15,11 @@ exactly as before. On the 8B shape on an H200 (benchmarks/README.md), with the m
   materialises the (tokens x vocab) logits: half the memory of checkpointed training;
 - fused LoRA: the adapter's update added by one addmm instead of peft's clone + scale + add;
 - padding-free batches: pad tokens dropped, samples packed into one row with per-sample position
-  ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention.
+  ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
+- compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
+  graph, no graph breaks, ~11 s at the first step); liger then keeps only its fused
+  linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it gave no speed-up
+  at 4 x 2048 tokens (10,139 vs 10,273 tokens/s): that step is GPU-bound. Hence off by default.
 
 Imports only torch / transformers / peft (liger-kernel when installed): runs on a bare GPU box.
 """
@@ -52,6 +56,11 @@ RECOMPUTE_COST = 0.42
 # Python of peft, bitsandbytes, liger and autograd: 0.33 s / (32 layers * 2 passes) = 5.2 ms per
 # layer and pass, and a recomputed layer costs a forward and a backward pass more (checkpoint hooks).
 HOST_S_PER_LAYER_PASS = 5.2e-3
+# With the decoder layers compiled (train.compile): 1 x 2048 tokens with 15/32 layers recomputed took
+# 0.295 s per micro-batch (benchmarks/results/gpu_train_bench_compile_h200.json), i.e. 0.295 s /
+# (32 layers * 2 passes * (1 + 15/32)) = 3.1 ms per layer and pass, as an effective host cost (a 0.5 ms
+# guess made the plan pick 1 x 2048 micro-batches, 32% slower than 4 x 2048, which compile left as is).
+HOST_S_PER_LAYER_PASS_COMPILED = 3.1e-3
 # The estimate already runs 3-9% above the measured peaks (8B, 1-4 x 2048 tokens, 0-32 layers).
 MEMORY_MARGIN = 1.0
 
@@ -95,6 +104,7 @@ class FastOptions:
     checkpointing: bool | int | str  # "auto", True (every layer), False (none) or a layer count
     tune_micro_batch: bool
     memory_budget_gib: float | None  # None: no GPU, nothing to plan against
+    compile: bool = False
 
 
 def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) -> FastOptions:
@@ -109,7 +119,15 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         checkpointing=cfg.gradient_checkpointing if on_gpu else _plain_checkpointing(cfg.gradient_checkpointing),
         tune_micro_batch=bool(cfg.tune_micro_batch) and on_gpu,
         memory_budget_gib=budget,
+        compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
     )
+
+
+def compile_available() -> bool:
+    """torch.compile exists and is not switched off (TORCHDYNAMO_DISABLE=1)."""
+    import os
+
+    return hasattr(torch, "compile") and hasattr(nn.Module, "compile") and os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("1", "true", "True")
 
 
 def _plain_checkpointing(value: bool | int | str) -> bool | int:
@@ -184,12 +202,13 @@ def model_flops_per_token(dims: ModelDims, seq_len: int) -> float:
     return 4.0 * matmul_params + 6.0 * seq_len * q * dims.num_layers
 
 
-def step_seconds(dims: ModelDims, tokens: int, seq_len: int, checkpoint_layers: int) -> float:
+def step_seconds(dims: ModelDims, tokens: int, seq_len: int, checkpoint_layers: int, *, compiled: bool = False) -> float:
     """Estimated time of one micro-batch: the longer of GPU and host time, plus part of the shorter
     (they overlap less the closer they are)."""
     share = checkpoint_layers / dims.num_layers
     gpu = tokens * model_flops_per_token(dims, seq_len) * (1 + RECOMPUTE_COST * share) / GPU_MODEL_FLOPS_PER_S
-    host = dims.num_layers * HOST_S_PER_LAYER_PASS * 2 * (1 + share)
+    per_pass = HOST_S_PER_LAYER_PASS_COMPILED if compiled else HOST_S_PER_LAYER_PASS
+    host = dims.num_layers * per_pass * 2 * (1 + share)
     longer, shorter = max(gpu, host), min(gpu, host)
     return longer + 0.2 * shorter * (shorter / longer) ** 2
 
@@ -261,6 +280,7 @@ def plan_memory(
     tune_micro_batch: bool,
     liger: bool,
     lora_dropout: float,
+    compiled: bool = False,
 ) -> MemoryPlan:
     """The fastest (micro-batch, recomputed layers) whose estimated peak fits the budget.
 
@@ -280,7 +300,7 @@ def plan_memory(
         k = next((k for k in layer_choices if peak(b, k) <= budget), None)
         if k is None:
             continue
-        cost = step_seconds(dims, b * seq_len, seq_len, k) / b
+        cost = step_seconds(dims, b * seq_len, seq_len, k, compiled=compiled) / b
         if best is None or cost < best[0] - 1e-9:
             best = (cost, b, k)
     if best is None:  # nothing fits: the leanest choice, and say so
@@ -340,8 +360,31 @@ def set_checkpointed_layers(model: nn.Module, count: int) -> int:
     return count
 
 
-def apply_liger(model: nn.Module) -> bool:
-    """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel, on this instance."""
+COMPILE_BACKEND = "inductor"  # tests use aot_eager: the same tracing, no kernels to build
+
+
+def compile_layers(model: nn.Module, *, mode: str | None = None) -> int:
+    """torch.compile each decoder layer in place (regional compilation); returns how many.
+
+    The layers share one compiled graph (same code, parameters are graph inputs), so the compile
+    costs one layer's, paid at the first step. Checkpointing stays where transformers puts it: a
+    recomputed layer runs its compiled graph again in the backward. bitsandbytes' 4-bit matmul is
+    a torch.library custom op from 0.45 on and traces; peft's LoRA (or the fused addmm) is inlined.
+    Shapes are static until a second shape comes, then dynamic (torch's default), so packed rows of
+    varying length recompile once, not at every step.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=COMPILE_BACKEND, mode=mode)
+    return len(layers)
+
+
+def apply_liger(model: nn.Module, *, layer_kernels: bool = True) -> bool:
+    """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel, on this instance.
+
+    layer_kernels=False: the fused linear+cross-entropy alone (for compiled decoder layers, where
+    inductor fuses the norms, RoPE and SwiGLU itself and liger's kernels would only break its graph).
+    """
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     from transformers.integrations.liger import apply_liger_kernel
 
@@ -349,7 +392,7 @@ def apply_liger(model: nn.Module) -> bool:
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         log.info("liger-kernel has no kernels for model type %r; skipped", model_type)
         return False
-    apply_liger_kernel(model, {})
+    apply_liger_kernel(model, {} if layer_kernels else {"rope": False, "rms_norm": False, "swiglu": False})
     return True
 
 
@@ -675,12 +718,15 @@ class FastPathReport:
     fused_lora_modules: int
     varlen_attention: bool
     padding_free: bool
+    compiled_layers: int = 0
 
     def describe(self) -> str:
-        parts = [self.plan.describe(), f"liger {'on' if self.liger else 'off'}"]
+        liger = ("linear+cross-entropy only" if self.compiled_layers else "on") if self.liger else "off"
+        parts = [self.plan.describe(), f"liger {liger}"]
         parts.append(f"fused LoRA on {self.fused_lora_modules} layers" if self.fused_lora_modules else "fused LoRA off")
         if self.padding_free:
             parts.append("padding-free batches" + (" with varlen/cuDNN attention" if self.varlen_attention else " (SDPA masks)"))
+        parts.append(f"{self.compiled_layers} layers compiled" if self.compiled_layers else "not compiled")
         return "; ".join(parts)
 
 
@@ -714,7 +760,7 @@ def apply_fast_path(
     dims = ModelDims.from_config(base.config)
     if lora_dropout is None:
         lora_dropout = _lora_dropout(model)
-    liger = apply_liger(model) if options.liger else False
+    liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
     fused = fuse_lora(model) if options.fused_lora else 0
     varlen = enable_fast_attention(model) if options.padding_free else False
     if max_seq_len is None:
@@ -731,8 +777,10 @@ def apply_fast_path(
         tune_micro_batch=options.tune_micro_batch,
         liger=liger,
         lora_dropout=lora_dropout,
+        compiled=options.compile,
     )
     set_checkpointed_layers(model, plan.checkpoint_layers)
+    compiled = compile_layers(model) if options.compile else 0
     if not plan.fits:
         log.warning(
             "the memory plan does not fit train.memory_budget_gib (%s); training may run out of memory: "
@@ -747,7 +795,7 @@ def apply_fast_path(
     )
     if options.padding_free and collator is not None:
         collator = PaddingFreeCollator(collator)
-    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free)
+    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled)
     log.info("fast path: %s", report.describe())
     return model, cfg, collator, report
 

@@ -6,23 +6,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 GPU ?= 0
-TORCH_SPEC ?= torch==2.13.0
 # The offline demo: the built-in tiny model and a short schedule; everything else from params.yaml.
 DEMO_SET ?= -S model.name=builtin:tiny-llama -S register.model_name=qlora-demo \
 	-S data.max_seq_len=128 -S train.epochs=3 -S train.per_device_batch_size=8 \
 	-S train.gradient_accumulation_steps=1 -S train.learning_rate=0.003 -S train.warmup_steps=5 \
 	-S train.logging_steps=5 -S train.save_steps=40 -S evaluate.num_samples=6 -S evaluate.max_new_tokens=24
 
-.PHONY: setup demo data test test-fast ui mlflow-server clean
+.PHONY: setup demo data test test-fast ui mlflow-server prefect-server deploy worker clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@if [ "$(GPU)" = "1" ]; then $(PY) -m pip install -q "torch>=2.8,<2.15"; \
-	else $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -e '.[dev]' $(if $(filter 1,$(GPU)),'.[gpu]',)
+# One install path: the same script builds the GPU worker image (Dockerfile) and this venv.
+$(VENV)/.installed: pyproject.toml docker/install.sh
+	bash docker/install.sh --venv $(VENV) --dev --torch $(if $(filter 1,$(GPU)),cuda,cpu)
 	touch $@
 
 # data/raw is DVC-tracked; a fresh clone has no DVC cache or remote, so the demo data that
@@ -47,6 +43,15 @@ ui: setup
 
 mlflow-server: setup
 	MLFLOW_BIN=$(BIN)/mlflow mlflow/server.sh
+
+prefect-server: setup
+	. $(VENV)/bin/activate && scripts/prefect-server.sh
+
+deploy: setup
+	. $(VENV)/bin/activate && python -m flows.deploy
+
+worker: setup
+	. $(VENV)/bin/activate && scripts/prefect-worker.sh
 
 clean:
 	rm -rf data/prepared models metrics plots reports checkpoints .cache

@@ -33,7 +33,7 @@ case "$TORCH" in
   # Same pins as the Makefile: 2.13.0 is the CPU wheel this project's CI machines carry; on PyPI
   # a plain Linux torch is the CUDA build, which bundles its CUDA runtime (the host needs a driver).
   cpu) TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"; EXTRAS="" ;;
-  cuda) TORCH_SPEC="${TORCH_SPEC:-torch>=2.6,<2.15}"; EXTRAS="gpu" ;;
+  cuda) TORCH_SPEC="${TORCH_SPEC:-torch>=2.8,<2.15}"; EXTRAS="gpu" ;;
   *) echo "install.sh: --torch must be cpu or cuda, not $TORCH" >&2; exit 2 ;;
 esac
 [ "$DEV" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}dev"

@@ -27,3 +27,9 @@ class RegistryError(QloraError):
 
 class MergeError(QloraError):
     """The merged model does not reproduce the adapter model within tolerance."""
+
+
+class TransientError(RegistryError):
+    """A tracking server or registry that failed in a way worth retrying later (down, 5xx)."""
+
+    exit_code = 75  # sysexits.h EX_TEMPFAIL: orchestrators retry on it

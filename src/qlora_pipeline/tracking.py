@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import yaml
-from transformers import TrainerCallback
-
 from qlora_pipeline.atomic import write_json_atomic
 from qlora_pipeline.config import PipelineConfig
-from qlora_pipeline.errors import RegistryError
+from qlora_pipeline.errors import RegistryError, TransientError
 from qlora_pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
@@ -52,7 +50,7 @@ def setup(paths: ProjectPaths, experiment: str) -> str:
 
     uri = tracking_uri(paths)
     if uri.startswith("sqlite:///"):
-        paths.mlflow_dir.mkdir(parents=True, exist_ok=True)
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     try:
         if uri.startswith(("http://", "https://")):
@@ -61,11 +59,11 @@ def setup(paths: ProjectPaths, experiment: str) -> str:
         if found is not None:
             return found.experiment_id
         artifact_location = None
-        if uri.startswith("sqlite:///"):
-            artifact_location = (paths.mlflow_dir / "artifacts").as_uri()
+        if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is
+            artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
         return mlflow.create_experiment(experiment, artifact_location=artifact_location)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot reach the store"
-        raise RegistryError(
+        raise TransientError(
             f"MLflow tracking store {_redacted(uri)} cannot be reached ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); start it with mlflow/server.sh, "
             f"or set MLFLOW_TRACKING_URI to a reachable server (unset it for the local store under mlflow/)"
@@ -154,33 +152,6 @@ def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
         mlflow.end_run("FINISHED")
 
 
-class MlflowMetricsCallback(TrainerCallback):
-    """Logs every Trainer log row (loss, learning rate, grad norm, tokens/s) at its global step.
-
-    After a resume, steps the run already holds (logged before the kill, re-run since the last
-    checkpoint) are not logged twice, so the history has neither gaps nor duplicates.
-    """
-
-    def __init__(self, run_id: str | None = None) -> None:
-        self.logged_up_to = -1
-        if run_id:
-            from mlflow import MlflowClient
-
-            history = MlflowClient().get_metric_history(run_id, "loss")
-            self.logged_up_to = max((m.step for m in history), default=-1)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        import mlflow
-
-        if not state.is_world_process_zero or not logs or state.global_step <= self.logged_up_to:
-            return
-        numbers = {
-            k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        if numbers:
-            mlflow.log_metrics(numbers, step=state.global_step)
-
-
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
 
@@ -203,7 +174,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 4, first_delay_s: floa
             if not is_transient(exc):
                 raise
             if attempt == attempts:
-                raise RegistryError(f"{what} failed after {attempts} attempts: {exc}") from None
+                raise TransientError(f"{what} failed after {attempts} attempts (transient): {exc}") from None
             log.warning("%s failed (%s); retrying in %.0fs", what, exc, delay)
             time.sleep(delay)
             delay *= 2

@@ -26,7 +26,7 @@ from qlora_pipeline.core.data import make_collator
 from qlora_pipeline.core.evaluate import score_model
 from qlora_pipeline.core.merge import check_merge, compare_logits, merge_into_dequantized
 from qlora_pipeline.core.model import base_model_revision, load_base_model
-from qlora_pipeline.errors import RegistryError
+from qlora_pipeline.errors import RegistryError, TransientError
 from qlora_pipeline.stages.common import StageContext, base_tokenizer
 from qlora_pipeline.stages.evaluate import eval_split, load_tuned_model, sample_rows
 
@@ -80,7 +80,7 @@ def _inject_transient_failure() -> None:
     marker = os.environ.get(FAIL_ONCE_ENV)
     if marker and not Path(marker).exists():
         Path(marker).write_text("failed once\n")
-        raise RegistryError("injected transient registry failure (QLORA_FAIL_ONCE_REGISTER); run register again")
+        raise TransientError("injected transient registry failure (QLORA_FAIL_ONCE_REGISTER); run register again")
 
 
 def run(ctx: StageContext) -> dict:

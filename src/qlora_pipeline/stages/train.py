@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from qlora_pipeline import tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
@@ -41,6 +41,33 @@ def checkpoint_key(ctx: StageContext) -> str:
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+class MlflowMetricsCallback(TrainerCallback):
+    """Logs every Trainer log row (loss, learning rate, grad norm, tokens/s) at its global step.
+
+    After a resume, steps the run already holds (logged before the kill, re-run since the last
+    checkpoint) are not logged twice, so the history has neither gaps nor duplicates.
+    """
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.logged_up_to = -1
+        if run_id:
+            from mlflow import MlflowClient
+
+            history = MlflowClient().get_metric_history(run_id, "loss")
+            self.logged_up_to = max((m.step for m in history), default=-1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import mlflow
+
+        if not state.is_world_process_zero or not logs or state.global_step <= self.logged_up_to:
+            return
+        numbers = {
+            k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if numbers:
+            mlflow.log_metrics(numbers, step=state.global_step)
 
 
 def log_data_report(paths) -> None:
@@ -114,7 +141,7 @@ def run(ctx: StageContext) -> dict:
             cfg.train,
             checkpoint_dir,
             resolve_compute_dtype(cfg.quantization.compute_dtype),
-            callbacks=[tracking.MlflowMetricsCallback(resume_run_id)],
+            callbacks=[MlflowMetricsCallback(resume_run_id)],
         )
         summary = {
             "train_loss": result.train_loss,

@@ -8,51 +8,9 @@ import math
 import pytest
 import yaml
 
-from .conftest import SERVER_ROOTS, make_project, project_env, run
+from .conftest import SECRETS, SERVER_ROOTS, run
 
 pytestmark = pytest.mark.integration
-
-
-# Secrets a user has in the environment; none may end up in params, tags, artifacts, logs or files.
-SECRETS = {
-    "HF_TOKEN": "hf_FAKEtokenQ7w1Zr9vXy3",
-    "HUGGING_FACE_HUB_TOKEN": "hf_FAKEtokenQ7w1Zr9vXy3",
-    "MLFLOW_TRACKING_USERNAME": "pipeline-user",
-    "MLFLOW_TRACKING_PASSWORD": "FAKEpassw0rd-9d8c7b",
-}
-
-
-def add_every_format(project) -> None:
-    """Beside the demo's alpaca .jsonl and .txt: chat, ShareGPT, prompt/completion .csv, .parquet."""
-    import pandas as pd
-
-    raw = project / "data" / "raw"
-    chats = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Count to {i}."},
-                      {"role": "assistant", "content": " ".join(str(n) for n in range(1, i + 1))}]}
-        for i in range(1, 16)
-    ]
-    (raw / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    share = [
-        {"conversations": [{"from": "human", "value": f"Double {i}?"}, {"from": "gpt", "value": str(2 * i)},
-                           {"from": "human", "value": "And half of that?"}, {"from": "gpt", "value": str(i)}]}
-        for i in range(1, 16)
-    ]
-    (raw / "sharegpt.json").write_text(json.dumps(share))
-    pd.DataFrame({"prompt": [f"{i} minus 1 is" for i in range(2, 17)], "completion": [f" {i - 1}" for i in range(2, 17)]}).to_csv(raw / "pc.csv", index=False)
-    words = [f"{c}{n}" for c in ("red", "blue", "green") for n in range(5)]
-    pd.DataFrame({"instruction": ["Repeat the word."] * 15, "input": words, "output": words}).to_parquet(raw / "alpaca.parquet")
-    run(["dvc", "add", "data/raw"], project, project_env(project))
-    run(["git", "commit", "-qam", "every format"], project, project_env(project))
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, mlflow_server):
-    project = make_project(tmp_path_factory.mktemp("project"))
-    add_every_format(project)
-    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server, **SECRETS)
-    first = run(["dvc", "repro"], project, env)
-    return project, env, first
 
 
 def test_every_format_went_through(pipeline):

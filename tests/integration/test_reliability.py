@@ -125,11 +125,10 @@ def test_sigterm_ends_the_run_killed(tmp_path, mlflow_server):
     assert "interrupted" in record.data.tags["failure_reason"]
 
 
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory, mlflow_server):
-    project = make_project(tmp_path_factory.mktemp("registered"), {"register.model_name": "qlora-idem"})
-    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
-    run(["dvc", "repro"], project, env)
+@pytest.fixture
+def registered(pipeline):
+    """The project test_pipeline_dvc.py ran end to end (model qlora-test)."""
+    project, env, _ = pipeline
     return project, env
 
 
@@ -138,11 +137,12 @@ def test_register_twice_creates_no_second_version(registered, mlflow_server):
 
     project, env = registered
     first = json.loads((project / "metrics/register.json").read_text())
+    client = MlflowClient(tracking_uri=mlflow_server)
+    before = len(client.search_model_versions("name='qlora-test'"))
     run(["qlora", "register"], project, env)
     second = json.loads((project / "metrics/register.json").read_text())
     assert second["version"] == first["version"]
-    versions = MlflowClient(tracking_uri=mlflow_server).search_model_versions("name='qlora-idem'")
-    assert len(versions) == 1
+    assert len(client.search_model_versions("name='qlora-test'")) == before
 
 
 def test_concurrent_promotions_leave_one_champion(registered, mlflow_server):
@@ -150,26 +150,26 @@ def test_concurrent_promotions_leave_one_champion(registered, mlflow_server):
 
     project, env = registered
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    v1 = client.get_model_version("qlora-idem", "1")
+    v1 = client.get_model_version("qlora-test", "1")
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
-    v2 = mlflow.register_model(v1.source, "qlora-idem")
+    v2 = mlflow.register_model(v1.source, "qlora-test")
     procs = [start([str(BIN / "qlora"), "promote", "--version", v, "--reason", f"race {v}"], project, env) for v in ("1", v2.version)]
     outputs = [finish(p, 120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    champion = client.get_model_version_by_alias("qlora-idem", "champion")
+    champion = client.get_model_version_by_alias("qlora-test", "champion")
     assert champion.version in ("1", v2.version)
-    holders = [v for v in ("1", v2.version) if "champion" in client.get_model_version("qlora-idem", v).aliases]
+    holders = [v for v in ("1", v2.version) if "champion" in client.get_model_version("qlora-test", v).aliases]
     assert holders == [champion.version]
-    reason = client.get_model_version("qlora-idem", champion.version).tags["promotion_reason"]
+    reason = client.get_model_version("qlora-test", champion.version).tags["promotion_reason"]
     assert reason.startswith("manual by ") and f"race {champion.version}" in reason
 
 
 def test_promote_unknown_alias_or_version(registered):
     project, env = registered
     alias = run(["qlora", "promote", "--alias", "nosuch"], project, env, check=False)
-    assert alias.returncode != 0 and "qlora-idem has no alias 'nosuch'" in alias.stderr
+    assert alias.returncode != 0 and "qlora-test has no alias 'nosuch'" in alias.stderr
     version = run(["qlora", "promote", "--version", "99"], project, env, check=False)
-    assert version.returncode != 0 and "qlora-idem has no version 99" in version.stderr
+    assert version.returncode != 0 and "qlora-test has no version 99" in version.stderr

@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 from qlora_pipeline.config import validate_params
 from qlora_pipeline.core.data import ensure_pad_token, make_collator, prepare_data
 from qlora_pipeline.core.evaluate import eval_loss, generate
-from qlora_pipeline.core.merge import compare_logits, merge_into_dequantized
+from qlora_pipeline.core.merge import compare_logits, merge_into_dequantized, worst_of
 from qlora_pipeline.core.model import apply_lora, load_base_model, load_tokenizer, resolve_compute_dtype, resolve_model
 from qlora_pipeline.core.tiny import build_tiny_tokenizer
 from qlora_pipeline.core.train import train_adapter
@@ -91,11 +91,10 @@ def check_shape(name: str, work: Path, steps: int) -> dict:
     adapter_model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quantization, resolved), str(adapter_dir))
     merged = merge_into_dequantized(load_base_model(cfg.model, cfg.quantization, resolved), str(adapter_dir), getattr(torch, cfg.register.merge_dtype))
     merged.to(next(adapter_model.parameters()).device)
-    worst = 0.0
-    for row in prepared.eval.select(range(4)):
-        check = compare_logits(adapter_model, merged, torch.tensor([row["input_ids"]]), cfg.register.merge_tolerance)
-        worst = max(worst, check.max_abs_logit_diff)
-    logits_scale = float(adapter_model(input_ids=torch.tensor([prepared.eval[0]["input_ids"]]).to(merged.device)).logits.abs().max())
+    worst = worst_of([
+        compare_logits(adapter_model, merged, torch.tensor([row["input_ids"]]), cfg.register.merge_tolerance)
+        for row in prepared.eval.select(range(4))
+    ])
     losses = [r["loss"] for r in result.history]
     return {
         "shape": name,
@@ -112,10 +111,11 @@ def check_shape(name: str, work: Path, steps: int) -> dict:
         "tuned_eval_loss": tuned["eval_loss"],
         "tuned_beats_base": tuned["eval_loss"] < base["eval_loss"],
         "merge_dtype": cfg.register.merge_dtype,
-        "merge_max_abs_logit_diff": worst,
-        "max_abs_logit": logits_scale,
+        "merge_max_abs_logit_diff": worst.max_abs_logit_diff,
+        "max_abs_logit": worst.max_abs_logit,
+        "merge_relative_diff": worst.relative_diff,
         "merge_tolerance": cfg.register.merge_tolerance,
-        "merge_within_tolerance": worst <= cfg.register.merge_tolerance,
+        "merge_within_tolerance": worst.relative_diff <= cfg.register.merge_tolerance,
         "samples": samples,
     }
 

@@ -7,10 +7,11 @@ import torch
 from peft import PeftModel
 
 from qlora_pipeline.core.merge import MergeCheck, check_merge, compare_logits, merge_into_dequantized
-from qlora_pipeline.core.model import apply_lora, load_base_model, load_tokenizer, resolve_model
+from qlora_pipeline.core.model import apply_lora, load_base_model, resolve_model
 from qlora_pipeline.errors import MergeError
 
-MERGE_TOLERANCE = {"float32": 0.02, "bfloat16": 0.05}
+# Relative to the largest logit: float32 merges are exact up to the 4-bit matmul's own rounding.
+MERGE_TOLERANCE = {"float32": 0.01, "bfloat16": 0.02}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_merged_model_matches_adapter_model(adapter_dir, dtype):
     ids = torch.randint(8, 500, (2, 48), generator=torch.Generator().manual_seed(1))
     check = compare_logits(adapter_model, merged, ids, MERGE_TOLERANCE[dtype])
     check_merge(check)
-    assert check.max_abs_logit_diff < MERGE_TOLERANCE[dtype]
+    assert check.relative_diff < MERGE_TOLERANCE[dtype]
     # The adapter changes the model: the check would catch a merge that dropped it.
     with adapter_model.disable_adapter():
         base_logits = adapter_model(input_ids=ids).logits
@@ -51,5 +52,5 @@ def test_merged_model_matches_adapter_model(adapter_dir, dtype):
 
 
 def test_drift_over_tolerance_fails():
-    with pytest.raises(MergeError, match="differs from the adapter model by 0.5"):
-        check_merge(MergeCheck(0.5, 0.1, 0.1, 10))
+    with pytest.raises(MergeError, match=r"differs from the adapter model by 0.5 in logits \(25.00% of the largest"):
+        check_merge(MergeCheck(0.5, 0.1, 2.0, 0.1, 10))

@@ -24,7 +24,7 @@ from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.config import RegisterConfig
 from qlora_pipeline.core.data import make_collator
 from qlora_pipeline.core.evaluate import score_model
-from qlora_pipeline.core.merge import check_merge, compare_logits, merge_into_dequantized
+from qlora_pipeline.core.merge import check_merge, compare_logits, merge_into_dequantized, worst_of
 from qlora_pipeline.core.model import base_model_revision, load_base_model
 from qlora_pipeline.errors import RegistryError, TransientError
 from qlora_pipeline.stages.common import StageContext, base_tokenizer
@@ -49,11 +49,11 @@ def merge_and_check(ctx: StageContext, resolved, tokenizer, eval_ds):
     quantized = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
     revision = base_model_revision(quantized, resolved)
     merged = merge_into_dequantized(quantized, str(ctx.paths.adapter), getattr(torch, cfg.register.merge_dtype))
-    worst = None
-    for row in eval_ds.select(range(min(MERGE_CHECK_ROWS, len(eval_ds)))):
-        ids = torch.tensor([row["input_ids"][: cfg.data.max_seq_len]])
-        check = compare_logits(adapter_model, merged, ids, cfg.register.merge_tolerance)
-        worst = check if worst is None or check.max_abs_logit_diff > worst.max_abs_logit_diff else worst
+    rows = eval_ds.select(range(min(MERGE_CHECK_ROWS, len(eval_ds))))
+    worst = worst_of([
+        compare_logits(adapter_model, merged, torch.tensor([row["input_ids"][: cfg.data.max_seq_len]]), cfg.register.merge_tolerance)
+        for row in rows
+    ])
     check_merge(worst)
     del adapter_model
     with atomic_dir(ctx.paths.merged) as tmp:
@@ -102,7 +102,11 @@ def run(ctx: StageContext) -> dict:
 
     with tracking.active_run(run_id=run_id):
         merged, check, revision = merge_and_check(ctx, resolved, tokenizer, eval_ds)
-        mlflow.log_metrics({"merge_max_abs_logit_diff": check.max_abs_logit_diff, "merge_mean_abs_logit_diff": check.mean_abs_logit_diff})
+        mlflow.log_metrics({
+            "merge_max_abs_logit_diff": check.max_abs_logit_diff,
+            "merge_mean_abs_logit_diff": check.mean_abs_logit_diff,
+            "merge_relative_diff": check.relative_diff,
+        })
 
         challenger_score = score_model(merged, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
         champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
@@ -120,6 +124,7 @@ def run(ctx: StageContext) -> dict:
                 "train_run_id": run_id,
                 "params": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
                 "merge_max_abs_logit_diff": f"{check.max_abs_logit_diff:.6g}",
+                "merge_relative_diff": f"{check.relative_diff:.6g}",
                 "merge_tolerance": str(reg.merge_tolerance),
                 f"eval.{reg.metric}": f"{eval_metrics[reg.metric]:.6g}",
                 f"eval.base_{reg.metric}": f"{eval_metrics['base_' + reg.metric]:.6g}",
@@ -163,6 +168,7 @@ def run(ctx: StageContext) -> dict:
             "beats_base": beats_base,
             "beats_champion": beats_champion,
             "merge_max_abs_logit_diff": check.max_abs_logit_diff,
+            "merge_relative_diff": check.relative_diff,
             "reason": reason,
         }
         mlflow.set_tags({"registered_version": str(version.version), "promoted": str(promoted)})

@@ -49,3 +49,16 @@ def tiny_cfg():
         )
 
     return make
+
+
+@pytest.fixture
+def tiny_model(tiny_cache, tiny_cfg):
+    """(config, tokenizer with a pad token, 4-bit base model) for the tiny model."""
+    from qlora_pipeline.core.data import ensure_pad_token
+    from qlora_pipeline.core.model import load_base_model, load_tokenizer, resolve_model
+
+    cfg = tiny_cfg()
+    resolved = resolve_model(cfg.model, tiny_cache)
+    tokenizer = load_tokenizer(cfg.model, resolved)
+    ensure_pad_token(tokenizer)
+    return cfg, tokenizer, load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))

@@ -16,8 +16,8 @@ from transformers import LlamaConfig
 
 from qlora_pipeline.config import TrainConfig, validate_params
 from qlora_pipeline.core import fast
-from qlora_pipeline.core.data import ensure_pad_token, make_collator
-from qlora_pipeline.core.model import apply_lora, load_base_model, load_tokenizer, resolve_compute_dtype, resolve_model
+from qlora_pipeline.core.data import make_collator
+from qlora_pipeline.core.model import apply_lora, resolve_compute_dtype
 from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.errors import ConfigError
 
@@ -175,18 +175,8 @@ def tiny_dataset(tokenizer, rows: int = 24) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-@pytest.fixture
-def tiny(tiny_cache, tiny_cfg):
-    cfg = tiny_cfg()
-    resolved = resolve_model(cfg.model, tiny_cache)
-    tokenizer = load_tokenizer(cfg.model, resolved)
-    ensure_pad_token(tokenizer)
-    model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
-    return cfg, tokenizer, model
-
-
-def test_fused_lora_matches_peft_forward_and_grads(tiny):
-    cfg, _, model = tiny
+def test_fused_lora_matches_peft_forward_and_grads(tiny_model):
+    cfg, _, model = tiny_model
     model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}), gradient_checkpointing=False)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero; make the update visible
@@ -206,17 +196,17 @@ def test_fused_lora_matches_peft_forward_and_grads(tiny):
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, ref_grads))
 
 
-def test_checkpointing_the_first_layers_only(tiny):
-    cfg, _, model = tiny
+def test_checkpointing_the_first_layers_only(tiny_model):
+    cfg, _, model = tiny_model
     model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
     assert fast.set_checkpointed_layers(model, 1) == 1
     assert [layer.gradient_checkpointing for layer in fast.decoder_layers(model)] == [True, False]
 
 
-def test_fast_path_trains_through_the_pipeline(tiny, tmp_path, tiny_cfg, monkeypatch):
+def test_fast_path_trains_through_the_pipeline(tiny_model, tmp_path, tiny_cfg, monkeypatch):
     """Every CPU-capable piece forced on (fused LoRA, padding-free, 1 of 2 layers recomputed),
     through train_adapter's own hook: loss logged and finite, falls, LoRA moves, base does not."""
-    cfg, tokenizer, model = tiny
+    cfg, tokenizer, model = tiny_model
     flattened = []
     monkeypatch.setattr(fast, "flatten_batch", lambda batch, f=fast.flatten_batch: flattened.append(1) or f(batch))
     train_cfg = tiny_cfg("train.fused_lora=true", "train.padding_free=true", "train.gradient_checkpointing=1").train
@@ -239,19 +229,19 @@ def test_fast_path_trains_through_the_pipeline(tiny, tmp_path, tiny_cfg, monkeyp
     assert all(torch.equal(base_before[n], params[n]) for n in base_before)
 
 
-def test_compile_auto_leaves_a_cpu_model_eager(tiny):
-    cfg, _, model = tiny
+def test_compile_auto_leaves_a_cpu_model_eager(tiny_model):
+    cfg, _, model = tiny_model
     model = apply_lora(model, cfg.lora, gradient_checkpointing="auto")
     model, _, _, report = fast.apply_fast_path(model, TrainConfig(compile="auto"), None, max_seq_len=16)
     assert report.compiled_layers == 0 and "not compiled" in report.describe()
     assert all(layer._compiled_call_impl is None for layer in fast.decoder_layers(model))
 
 
-def test_compiled_layers_train_like_eager_ones(tiny, monkeypatch):
+def test_compiled_layers_train_like_eager_ones(tiny_model, monkeypatch):
     """train.compile: true on the CPU: every decoder layer compiled (aot_eager here: the same tracing
     through bitsandbytes' 4-bit ops, peft's LoRA and checkpointing, without building kernels), one
     of two layers recomputed; loss and LoRA gradients match the eager model's."""
-    cfg, _, model = tiny
+    cfg, _, model = tiny_model
     monkeypatch.setattr(fast, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}), gradient_checkpointing=1)

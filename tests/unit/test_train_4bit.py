@@ -9,8 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from qlora_pipeline.core.data import ensure_pad_token, make_collator
-from qlora_pipeline.core.model import apply_lora, load_base_model, load_tokenizer, resolve_compute_dtype, resolve_model
+from qlora_pipeline.core.data import make_collator
+from qlora_pipeline.core.model import apply_lora, resolve_compute_dtype
 from qlora_pipeline.core.train import latest_checkpoint, train_adapter
 from qlora_pipeline.errors import ConfigError
 
@@ -21,26 +21,16 @@ def tiny_dataset(tokenizer, rows: int = 32) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids, "source": [f"mem:{i}" for i in range(rows)]})
 
 
-@pytest.fixture
-def loaded(tiny_cache, tiny_cfg):
-    cfg = tiny_cfg()
-    resolved = resolve_model(cfg.model, tiny_cache)
-    tokenizer = load_tokenizer(cfg.model, resolved)
-    ensure_pad_token(tokenizer)
-    model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
-    return cfg, tokenizer, model
-
-
-def test_base_loads_as_real_4bit_nf4(loaded):
-    _, _, model = loaded
+def test_base_loads_as_real_4bit_nf4(tiny_model):
+    _, _, model = tiny_model
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 2 * 7  # q k v o gate up down in each of 2 layers
     state = layers[0].weight.quant_state
     assert state.quant_type == "nf4" and state.nested  # double quantization
 
 
-def test_training_moves_lora_not_base(loaded, tmp_path):
-    cfg, tokenizer, model = loaded
+def test_training_moves_lora_not_base(tiny_model, tmp_path):
+    cfg, tokenizer, model = tiny_model
     model = apply_lora(model, cfg.lora, gradient_checkpointing=True)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     quant_before = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -67,9 +57,9 @@ def test_training_moves_lora_not_base(loaded, tmp_path):
             assert torch.equal(quant_before[n], m.weight.data), n
 
 
-def test_resume_continues_from_last_checkpoint(loaded, tmp_path, tiny_cfg):
+def test_resume_continues_from_last_checkpoint(tiny_model, tmp_path, tiny_cfg):
     cfg = tiny_cfg("train.save_steps=4", "train.max_steps=4")
-    _, tokenizer, model = loaded
+    _, tokenizer, model = tiny_model
     model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
     data, collator = tiny_dataset(tokenizer), make_collator(tokenizer, False, 64)
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
@@ -83,8 +73,8 @@ def test_resume_continues_from_last_checkpoint(loaded, tmp_path, tiny_cfg):
     assert [r["loss"] for r in second.history[:4]] == [r["loss"] for r in first.history]
 
 
-def test_target_modules_that_match_nothing_fail_clearly(loaded, tiny_cfg):
+def test_target_modules_that_match_nothing_fail_clearly(tiny_model, tiny_cfg):
     cfg = tiny_cfg("lora.target_modules=[c_attn]")
-    _, _, model = loaded
+    _, _, model = tiny_model
     with pytest.raises(ConfigError, match=r"lora.target_modules: \['c_attn'\] match no linear layer.*q_proj"):
         apply_lora(model, cfg.lora, gradient_checkpointing=False)

@@ -74,19 +74,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on a free localhost port with its own SQLite store and artifacts."""
+    """A real MLflow server (mlflow/server.sh) on a free localhost port with its own store."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = open(root / "server.log", "w")
+    # Through the project's own start script, pointed at a store of its own.
     proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
+        ["bash", str(REPO / "mlflow" / "server.sh")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={**os.environ, "MLFLOW_STORE": str(root), "MLFLOW_PORT": str(port), "MLFLOW_BIN": str(BIN / "mlflow")},
     )
     url = f"http://127.0.0.1:{port}"
     SERVER_ROOTS[url] = root

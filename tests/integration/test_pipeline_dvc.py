@@ -108,6 +108,14 @@ def test_no_secret_is_recorded_anywhere(pipeline, mlflow_server):
         assert needle not in dumped
 
 
+def test_dvc_plots_render(pipeline):
+    project, env, _ = pipeline
+    out = run(["dvc", "plots", "show", "--json"], project, env).stdout
+    plots = json.loads(out)["data"]
+    assert {"plots/train_loss.csv", "plots/token_lengths.csv"} <= set(plots)
+    assert all(plots[k][0]["content"]["data"]["values"] for k in ("plots/train_loss.csv", "plots/token_lengths.csv"))
+
+
 def test_report_summarises_the_run(pipeline):
     project, env, _ = pipeline
     out = run(["qlora", "report"], project, env).stdout

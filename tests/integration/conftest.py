@@ -127,6 +127,9 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
     set_params(dest, {**TINY_PARAMS, **(params or {})})
     env = project_env(dest)
     run(["git", "init", "-q"], dest)
+    # DVC experiments commit through libgit2, which reads the identity from git config only.
+    run(["git", "config", "user.name", "qlora tests"], dest)
+    run(["git", "config", "user.email", "tests@localhost"], dest)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], dest)
     run(["make", "data", f"VENV={BIN.parent}"], dest, env=env)

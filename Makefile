@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 GPU ?= 0
 # The offline demo: the built-in tiny model and a short schedule; everything else from params.yaml.
 DEMO_SET ?= -S model.name=builtin:tiny-llama -S register.model_name=qlora-demo \
-	-S data.max_seq_len=128 -S train.epochs=3 -S train.per_device_batch_size=8 \
+	-S data.max_seq_len=128 -S train.epochs=12 -S train.per_device_batch_size=8 \
 	-S train.gradient_accumulation_steps=1 -S train.learning_rate=0.003 -S train.warmup_steps=5 \
-	-S train.logging_steps=5 -S train.save_steps=40 -S evaluate.num_samples=6 -S evaluate.max_new_tokens=24
+	-S train.logging_steps=5 -S train.save_steps=100 -S evaluate.num_samples=6 -S evaluate.max_new_tokens=24
 
 .PHONY: setup demo data test test-fast ui mlflow-server prefect-server deploy worker clean
 

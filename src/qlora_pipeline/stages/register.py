@@ -83,6 +83,47 @@ def _inject_transient_failure() -> None:
         raise TransientError("injected transient registry failure (QLORA_FAIL_ONCE_REGISTER); run register again")
 
 
+def gate(reg: RegisterConfig, eval_metrics: dict, challenger_score: float, champion, champion_score: float | None):
+    """Promote only if the tuned model beats the base and the challenger beats the champion."""
+    beats_base = beats(eval_metrics[reg.metric], eval_metrics[f"base_{reg.metric}"], reg)
+    beats_champion = champion_score is None or beats(challenger_score, champion_score, reg)
+    reason = (
+        f"{reg.metric}: tuned {eval_metrics[reg.metric]:.4f} vs base {eval_metrics['base_' + reg.metric]:.4f}; "
+        f"challenger {challenger_score:.4f} vs champion "
+        + (f"v{champion.version} {champion_score:.4f}" if champion is not None else "none")
+        + f" (min_improvement {reg.min_improvement})"
+    )
+    return beats_base and beats_champion, beats_base, beats_champion, reason
+
+
+def register_version(ctx: StageContext, client, run_id: str, merged, tokenizer, revision: str, check, eval_metrics: dict):
+    """The version registered from this training run: the existing one, or a new one with lineage."""
+    cfg, reg = ctx.cfg, ctx.cfg.register
+    version = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
+    if version is not None:
+        return version
+    tags = {
+        **tracking.lineage_tags(ctx.paths, cfg, revision),
+        "train_run_id": run_id,
+        "params": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+        "merge_max_abs_logit_diff": f"{check.max_abs_logit_diff:.6g}",
+        "merge_relative_diff": f"{check.relative_diff:.6g}",
+        "merge_tolerance": str(reg.merge_tolerance),
+        f"eval.{reg.metric}": f"{eval_metrics[reg.metric]:.6g}",
+        f"eval.base_{reg.metric}": f"{eval_metrics['base_' + reg.metric]:.6g}",
+    }
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": merged, "tokenizer": tokenizer},
+        name="model",
+        task="text-generation",
+        torch_dtype=getattr(torch, reg.merge_dtype),
+        pip_requirements=serving_requirements(),
+    )
+    return tracking.retry(
+        lambda: mlflow.register_model(info.model_uri, reg.model_name, tags=tags), "registering the model version"
+    )
+
+
 def run(ctx: StageContext) -> dict:
     cfg, paths = ctx.cfg, ctx.paths
     reg = cfg.register
@@ -117,41 +158,12 @@ def run(ctx: StageContext) -> dict:
             del champion_model
 
         _inject_transient_failure()
-        version = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
-        if version is None:
-            tags = {
-                **tracking.lineage_tags(paths, cfg, revision),
-                "train_run_id": run_id,
-                "params": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
-                "merge_max_abs_logit_diff": f"{check.max_abs_logit_diff:.6g}",
-                "merge_relative_diff": f"{check.relative_diff:.6g}",
-                "merge_tolerance": str(reg.merge_tolerance),
-                f"eval.{reg.metric}": f"{eval_metrics[reg.metric]:.6g}",
-                f"eval.base_{reg.metric}": f"{eval_metrics['base_' + reg.metric]:.6g}",
-            }
-            info = mlflow.transformers.log_model(
-                transformers_model={"model": merged, "tokenizer": tokenizer},
-                name="model",
-                task="text-generation",
-                torch_dtype=getattr(torch, reg.merge_dtype),
-                pip_requirements=serving_requirements(),
-            )
-            version = tracking.retry(
-                lambda: mlflow.register_model(info.model_uri, reg.model_name, tags=tags),
-                "registering the model version",
-            )
+        version = register_version(ctx, client, run_id, merged, tokenizer, revision, check, eval_metrics)
         tracking.retry(lambda: client.set_registered_model_alias(reg.model_name, tracking.CHALLENGER, version.version), "setting the challenger alias")
 
-        beats_base = beats(eval_metrics[reg.metric], eval_metrics[f"base_{reg.metric}"], reg)
-        beats_champion = champion_score is None or beats(challenger_score, champion_score, reg)
         already = champion is not None and champion.version == version.version
-        promoted = beats_base and beats_champion and not already
-        reason = (
-            f"{reg.metric}: tuned {eval_metrics[reg.metric]:.4f} vs base {eval_metrics['base_' + reg.metric]:.4f}; "
-            f"challenger {challenger_score:.4f} vs champion "
-            + (f"v{champion.version} {champion_score:.4f}" if champion is not None else "none")
-            + f" (min_improvement {reg.min_improvement})"
-        )
+        promoted, beats_base, beats_champion, reason = gate(reg, eval_metrics, challenger_score, champion, champion_score)
+        promoted = promoted and not already
         if promoted:
             tracking.retry(lambda: tracking.promote(client, reg.model_name, version.version, f"gate passed: {reason}"), "promoting to champion")
         client.set_model_version_tag(reg.model_name, version.version, "gate", ("passed: " if promoted or already else "not promoted: ") + reason)

@@ -152,16 +152,14 @@ def test_bad_input(case: Case, prepared_template, tmp_path, monkeypatch):
     bare, prepared = prepared_template
     project = tmp_path / "p"
     shutil.copytree(prepared if case.needs_prepared else bare, project)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project}/mlflow.db")
-    for key, value in case.env.items():
-        monkeypatch.setenv(key, value)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db", **case.env}
     if case.setup:
         case.setup(project)
     if case.inject:
         case.inject(monkeypatch)
     before = snapshot(project)
 
-    result = CliRunner().invoke(app, [*case.command, "--params", str(project / "params.yaml")])
+    result = CliRunner().invoke(app, [*case.command, "--params", str(project / "params.yaml")], env=env)
 
     assert result.exit_code not in (0, None), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)

@@ -175,9 +175,9 @@ def tiny_dataset(tokenizer, rows: int = 24) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def test_fused_lora_matches_peft_forward_and_grads(tiny_model):
-    cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}), gradient_checkpointing=False)
+def lora_with_visible_update(model, cfg, gradient_checkpointing):
+    """LoRA without dropout and with B != 0, and a function giving (loss, LoRA grads) on fixed ids."""
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}), gradient_checkpointing=gradient_checkpointing)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero; make the update visible
             torch.nn.init.normal_(p, std=0.05)
@@ -188,6 +188,12 @@ def test_fused_lora_matches_peft_forward_and_grads(tiny_model):
         loss = model(input_ids=ids, labels=ids).loss
         return loss.detach(), torch.autograd.grad(loss, trainable)
 
+    return model, loss_and_grads
+
+
+def test_fused_lora_matches_peft_forward_and_grads(tiny_model):
+    cfg, _, model = tiny_model
+    model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
     ref_loss, ref_grads = loss_and_grads()
     assert fast.fuse_lora(model) == 14
     loss, grads = loss_and_grads()
@@ -244,17 +250,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, monkeypatch):
     cfg, _, model = tiny_model
     monkeypatch.setattr(fast, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
-    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}), gradient_checkpointing=1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    ids = torch.randint(3, 200, (2, 12))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_and_grads():
-        loss = model(input_ids=ids, labels=ids).loss
-        return loss.detach(), torch.autograd.grad(loss, trainable)
-
+    model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=1)
     ref_loss, ref_grads = loss_and_grads()
     train_cfg = TrainConfig(compile=True, fused_lora=True, gradient_checkpointing=1)
     model, _, _, report = fast.apply_fast_path(model, train_cfg, None, max_seq_len=12)

@@ -61,7 +61,7 @@ HOST_S_PER_LAYER_PASS = 5.2e-3
 # (32 layers * 2 passes * (1 + 15/32)) = 3.1 ms per layer and pass, as an effective host cost (a 0.5 ms
 # guess made the plan pick 1 x 2048 micro-batches, 32% slower than 4 x 2048, which compile left as is).
 HOST_S_PER_LAYER_PASS_COMPILED = 3.1e-3
-# The estimate already runs 3-9% above the measured peaks (8B, 1-4 x 2048 tokens, 0-32 layers).
+# The estimate already runs 1-5% above the measured peaks (8B, 1-4 x 2048 tokens, 0-32 layers).
 MEMORY_MARGIN = 1.0
 
 
@@ -222,19 +222,24 @@ def estimate_peak_bytes(
     liger: bool,
     lora_dropout: float,
 ) -> float:
-    """Peak GPU memory of one training step with `tokens` tokens per micro-batch."""
+    """Peak GPU memory of one training step with `tokens` tokens per micro-batch.
+
+    The peak is the larger of two moments: the end of the forward (every kept layer's activations
+    plus the recomputed layers' inputs) and the backward of the recomputed layers (their inputs
+    plus the one layer being recomputed; the kept layers, the last ones, are freed by then).
+    """
     per_layer = layer_activation_bytes(dims, liger=liger, lora_dropout=lora_dropout)
     checkpoint_layers = min(checkpoint_layers, dims.num_layers)
     kept = dims.num_layers - checkpoint_layers
-    activations = tokens * (kept * per_layer + checkpoint_layers * 2.0 * dims.hidden)
-    recompute = tokens * per_layer if checkpoint_layers else 0.0  # one layer's, during its backward
+    inputs = checkpoint_layers * 2.0 * dims.hidden
+    activations = tokens * (inputs + max(kept, 1 if checkpoint_layers else 0) * per_layer)
     if liger:
         loss = 0.0  # logits are never materialised; chunks fit in the misc term below
     else:
         loss = tokens * dims.vocab * (2.0 + 4.0 + 4.0)  # bf16 logits, fp32 upcast, fp32 grad
     misc = tokens * dims.hidden * 2.0 * 5  # residual-stream grads, embeddings out; 8B: 40 KB measured
     dequantized = 2 * dims.largest_linear * 2.0
-    return MEMORY_MARGIN * (static_bytes + activations + recompute + loss + misc + dequantized)
+    return MEMORY_MARGIN * (static_bytes + activations + loss + misc + dequantized)
 
 
 @dataclass(frozen=True)
@@ -396,24 +401,32 @@ def apply_liger(model: nn.Module, *, layer_kernels: bool = True) -> bool:
     return True
 
 
-def _lora_addmm_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's vanilla LoRA forward with the update added by one addmm: base + (drop(x) A^T) B^T * s.
+def _single_plain_adapter(module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """The adapter name when the layer runs one plain LoRA adapter, else None (peft's forward then).
 
-    Anything but one plain adapter (DoRA, several adapters, merged, disabled, a LoRA bias, dtype
-    conversion outside autocast) goes to peft's own forward.
+    Anything but one plain adapter (DoRA, several adapters, merged, disabled, a LoRA bias, extra
+    forward arguments) goes to peft's own forward.
     """
-    active = self.active_adapters
+    active = module.active_adapters
     name = active[0] if len(active) == 1 else None
     if (
         args
         or kwargs
         or name is None
-        or self.disable_adapters
-        or self.merged
-        or name not in self.lora_A
-        or name in getattr(self, "lora_variant", {})
-        or self.lora_B[name].bias is not None
+        or module.disable_adapters
+        or module.merged
+        or name not in module.lora_A
+        or name in getattr(module, "lora_variant", {})
+        or module.lora_B[name].bias is not None
     ):
+        return None
+    return name
+
+
+def _lora_addmm_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's vanilla LoRA forward with the update added by one addmm: base + (drop(x) A^T) B^T * s."""
+    name = _single_plain_adapter(self, args, kwargs)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     result = self.base_layer(x)
@@ -429,22 +442,47 @@ def _lora_addmm_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     return out.view(result.shape)
 
 
-def fuse_lora(model: nn.Module) -> int:
-    """Give every peft LoRA linear layer the addmm forward; returns how many were changed."""
+def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The last LoRA layer of a decoder layer: the adapter's branch first, the frozen matmul last.
+
+    A recomputed decoder layer re-runs its forward only until every tensor its backward needs is
+    saved again (torch's non-reentrant checkpoint stops early there). Nothing after this layer's
+    frozen matmul saves a tensor (its 4-bit weight is not an autograd-saved tensor, the residual
+    add saves nothing), so with the adapter's branch first the recompute stops before that matmul:
+    on Llama that skips down_proj, a quarter of each recomputed layer's matmul FLOPs.
+    """
+    name = _single_plain_adapter(self, args, kwargs)
+    if name is None or not (torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A[name].weight.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    update = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
+    result = self.base_layer(x)
+    return torch.add(result, update.to(result.dtype), alpha=self.scaling[name])
+
+
+def _lora_linears(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and hasattr(module, "lora_A") and type(module).__name__ in ("Linear", "Linear4bit"):
-            module.forward = MethodType(_lora_addmm_forward, module)
-            count += 1
-    return count
+    return [
+        m for m in model.modules()
+        if isinstance(m, LoraLayer) and hasattr(m, "lora_A") and type(m).__name__ in ("Linear", "Linear4bit")
+    ]
+
+
+def fuse_lora(model: nn.Module, *, tail_first: bool = True) -> int:
+    """Give every peft LoRA linear layer the addmm forward, and the last one of each decoder layer
+    the adapter-first forward (tail_first); returns how many layers were changed."""
+    tails = {id(lins[-1]) for layer in decoder_layers(model) if (lins := _lora_linears(layer))} if tail_first else set()
+    modules = _lora_linears(model)
+    for module in modules:
+        forward = _lora_tail_forward if id(module) in tails else _lora_addmm_forward
+        module.forward = MethodType(forward, module)
+    return len(modules)
 
 
 def unfuse_lora(model: nn.Module) -> None:
     """Back to peft's own forward."""
     for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is _lora_addmm_forward:
+        if "forward" in vars(module) and getattr(module.forward, "__func__", None) in (_lora_addmm_forward, _lora_tail_forward):
             del module.forward
 
 

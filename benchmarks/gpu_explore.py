@@ -138,7 +138,9 @@ def profile_step(step_fn, gpu: bool = True) -> dict:
         sums[fam] = sums.get(fam, 0.0) + dev_us / 1e3
         kernels.append((dev_us / 1e3, e.count, e.key[:110]))
     kernels.sort(reverse=True)
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
     return {
+        "top_host_ops": [{"ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count, "name": e.key[:110]} for e in host],
         "wall_ms": round(wall_ms, 1),
         "gpu_busy_ms": round(sum(sums.values()), 1),
         "by_family_ms": {k: round(v, 1) for k, v in sorted(sums.items(), key=lambda kv: -kv[1])},
@@ -155,7 +157,9 @@ def main() -> int:
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8b")
-    p.add_argument("--configs", default="4:32,4:0,4:16,2:32,2:16,2:8,2:0,1:32,1:16,1:8,1:0,8:32")
+    p.add_argument("--configs", default="4:32,4:32:n,4:29,4:29:n,4:0,4:16,2:32,2:16,2:16:u,2:16:d,2:0,1:32,1:16,1:0")
+    p.add_argument("--skip-attention", action="store_true")
+    p.add_argument("--skip-profile-2x0", action="store_true")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--budget-gib", type=float, default=14.2)
     p.add_argument("--out", default="")
@@ -183,7 +187,7 @@ def main() -> int:
             out_path.write_text(json.dumps(report, indent=1))
         print(json.dumps(report)[-400:], flush=True)
 
-    report["attention"] = attention_bench(args.shape) if gpu else None
+    report["attention"] = attention_bench(args.shape) if gpu and not args.skip_attention else None
     save()
 
     shape, seq = args.shape, bench.SEQ_LEN[args.shape]
@@ -226,27 +230,31 @@ def main() -> int:
 
     sweep = []
     report["sweep"] = sweep
-    variants = [(c, True, bench.LORA["dropout"]) for c in args.configs.split(",")]
-    variants += [("2:16", False, bench.LORA["dropout"]), ("2:16", True, 0.0), ("1:0", True, 0.0), ("4:32", True, 0.0)]
-    for config, fused, dropout in variants:
-        b, k = (int(x) for x in config.split(":"))
-        if not fused:
-            fast.unfuse_lora(model)
+    # micro:recomputed[:flags]; flags: u = peft's LoRA forward (not fused), n = no adapter-first tail
+    # layer (recompute runs down_proj's frozen matmul again), d = LoRA dropout 0
+    for config in args.configs.split(","):
+        b, k, *rest = config.split(":")
+        b, k, flags = int(b), int(k), (rest[0] if rest else "")
+        dropout = 0.0 if "d" in flags else bench.LORA["dropout"]
+        fast.unfuse_lora(model)
+        if "u" not in flags:
+            fast.fuse_lora(model, tail_first="n" not in flags)
         set_dropout(model, dropout)
         fast.set_checkpointed_layers(model, k)
         est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=dropout) / 2**30
+        row = dict(micro=b, ckpt_layers=k, flags=flags, dropout=dropout, est_gib=round(est, 2))
         try:
             tok_s, peak = run(b, args.steps)
-            row = dict(micro=b, ckpt_layers=k, fused=fused, dropout=dropout, tokens_per_s=tok_s, peak_gib=peak, est_gib=round(est, 2))
+            row.update(tokens_per_s=tok_s, peak_gib=peak)
         except torch.OutOfMemoryError:
-            row = dict(micro=b, ckpt_layers=k, fused=fused, dropout=dropout, error="oom", est_gib=round(est, 2))
+            row.update(error="oom")
         opt.zero_grad(set_to_none=True)
         reset_peak()
-        if not fused:
-            fast.fuse_lora(model)
         sweep.append(row)
         print(row, flush=True)
         save()
+    fast.unfuse_lora(model)
+    fast.fuse_lora(model)
     set_dropout(model, bench.LORA["dropout"])
 
     # The plan for the target budget, run as planned, then profiled
@@ -275,6 +283,8 @@ def main() -> int:
 
     report["profile_plan"] = profile_step(one_step, gpu)
     save()
+    if args.skip_profile_2x0:
+        return 0
     fast.set_checkpointed_layers(model, 0)
     data = bench.batches(rows, 2, collator)
     report["profile_2x0"] = profile_step(one_step, gpu)

@@ -24,6 +24,8 @@ Recipes (each in its own process, so patches and allocator state never leak betw
                 original* peak of this run (or --fast-budget-gib): liger, fused LoRA, padding-free
                 packed batches with varlen (or cuDNN) attention, planned checkpointing and micro-batch
   fast_max      the fast path with the whole GPU as its budget (memory_budget_gib: auto)
+  fast_expseg   fast with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the allocator grows
+                segments instead of splitting cached blocks; the pipeline sets it for training)
   fast_compiled the fast path with train.compile: true (torch.compile of each decoder layer; liger
                 keeps only its fused linear+cross-entropy), same budget as fast
   fast_compiled_m4  fast_compiled with the micro-batch kept at the configured size (no tuning)
@@ -74,7 +76,7 @@ BATCH = {"1b": 8, "8b": 4, "tiny": 4}
 SEQ_LEN = {"1b": 2048, "8b": 2048, "tiny": 128}
 LORA = dict(r=16, alpha=32, dropout=0.05)  # the pipeline's params.yaml lora section
 VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0
-BUDGETED = ("fast", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
+BUDGETED = ("fast", "fast_expseg", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +377,8 @@ def spawn(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if spec["recipe"] == "fast_expseg":
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--result-path", path]
     t = time.perf_counter()
     try:
@@ -399,7 +403,7 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for workload in ("fixed", "variable"):
             by = {r["recipe"]: r for r in results if r["shape"] == shape and r["workload"] == workload and "error" not in r and not r.get("check")}
             row = {"shape": shape, "workload": workload}
-            for name in ("fast", "fast_compiled", "fast_compiled_m4"):
+            for name in ("fast", "fast_expseg", "fast_compiled", "fast_compiled_m4"):
                 fast = by.get(name)
                 if not fast:
                     continue

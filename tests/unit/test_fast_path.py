@@ -206,26 +206,29 @@ def test_fused_lora_matches_peft_forward_and_grads(tiny_model):
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, ref_grads))
 
 
-def test_recompute_stops_before_the_last_frozen_matmul_of_each_layer(tiny_model):
+def test_recompute_stops_before_the_last_frozen_matmul_of_each_layer(tiny_model, monkeypatch):
     # every layer checkpointed: the backward re-runs each layer's forward, but only until its last
     # saved tensor; the tail layer (down_proj) runs its adapter first, so its 4-bit matmul is skipped
+    import bitsandbytes
+
     cfg, _, model = tiny_model
     model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
     ref_loss, ref_grads = loss_and_grads()
     fast.set_checkpointed_layers(model, 2)
     model.train()  # checkpointing only applies in training mode; LoRA dropout is 0 here
-    calls = {"down": 0, "up": 0}
-
-    def counting(kind, forward):
-        def wrapped(*a, **k):
-            calls[kind] += 1
-            return forward(*a, **k)
-        return wrapped
-
+    kinds = {}
     for layer in fast.decoder_layers(model):
-        for kind in calls:
-            base = getattr(layer.mlp, f"{kind}_proj").base_layer
-            base.forward = counting(kind, base.forward)
+        for kind in ("down", "up"):
+            kinds[id(getattr(layer.mlp, f"{kind}_proj").base_layer.weight)] = kind
+    calls = {"down": 0, "up": 0}
+    matmul_4bit = bitsandbytes.matmul_4bit
+
+    def counting(x, weight, *args, **kwargs):
+        if id(weight) in kinds:
+            calls[kinds[id(weight)]] += 1
+        return matmul_4bit(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", counting)
     assert fast.fuse_lora(model) == 14
     loss, grads = loss_and_grads()
     assert calls == {"down": 2, "up": 4}  # down: forward only; up: forward and recompute
@@ -237,6 +240,39 @@ def test_recompute_stops_before_the_last_frozen_matmul_of_each_layer(tiny_model)
     loss_and_grads()
     assert calls == {"down": 4, "up": 4}
     fast.unfuse_lora(model)
+
+
+def test_fused_lora_with_dropout_matches_peft_in_distribution(tiny_model):
+    # with dropout the masks differ from peft's, so compare what must hold exactly: the same mask
+    # seen by forward and backward (gradients equal a reference computed from the saved mask)
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.5}), gradient_checkpointing=False)
+    layer = fast.decoder_layers(model)[0].self_attn.q_proj
+    layer.train()
+    for p in layer.lora_B.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    inputs = fast._lora_inputs(layer, torch.zeros(1, 1, layer.in_features), (), {})
+    weight_a, weight_b, base_weight, bias, quant_state, scale, p = inputs
+    assert p == 0.5
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    torch.manual_seed(7)
+    out = fast.LoraLinearFunction.apply(x, weight_a, weight_b, base_weight, bias, quant_state, scale, p, True)
+    torch.manual_seed(7)
+    dropped, mask = torch.native_dropout(x.detach().reshape(-1, x.shape[-1]), p, True)
+    xr = x.detach().clone().requires_grad_()
+    a, b = weight_a.detach().clone().requires_grad_(), weight_b.detach().clone().requires_grad_()
+    base = fast._frozen_matmul(xr.reshape(-1, x.shape[-1]), base_weight, bias, quant_state, x.dtype)
+    ref = base + (xr.reshape(-1, x.shape[-1]) * mask / (1 - p)) @ a.t() @ b.t() * scale
+    assert torch.allclose(out.reshape(-1, out.shape[-1]), ref, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(ref)
+    out.backward(grad.view_as(out))
+    ref.backward(grad)
+    assert torch.allclose(weight_a.grad, a.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(weight_b.grad, b.grad, rtol=1e-4, atol=1e-6)
+    # the frozen base's input gradient: bitsandbytes' dequantized weight, same as MatMul4Bit's
+    base_grad = grad @ fast._frozen_weight(base_weight, quant_state, x.dtype)
+    lora_grad = (grad @ b.detach() * scale @ a.detach()) * mask / (1 - p)
+    assert torch.allclose(x.grad.reshape(-1, x.shape[-1]), base_grad + lora_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_checkpointing_the_first_layers_only(tiny_model):

@@ -13,7 +13,9 @@ exactly as before. On the 8B shape on an H200 (benchmarks/README.md), with the m
   chosen with the memory budget by a small cost model (GPU time vs host time per micro-batch);
 - liger-kernel (the `gpu` extra): fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy, which never
   materialises the (tokens x vocab) logits: half the memory of checkpointed training;
-- fused LoRA: the adapter's update added by one addmm instead of peft's clone + scale + add;
+- fused LoRA: each LoRA linear layer one autograd node (frozen matmul, dropout, adapter, fused
+  add) instead of peft's seven; the last one of each decoder layer runs its adapter first, so a
+  recomputed layer stops before its frozen matmul (down_proj on Llama);
 - padding-free batches: pad tokens dropped, samples packed into one row with per-sample position
   ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
 - compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
@@ -423,23 +425,120 @@ def _single_plain_adapter(module: nn.Module, args: tuple, kwargs: dict) -> str |
     return name
 
 
-def _lora_addmm_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's vanilla LoRA forward with the update added by one addmm: base + (drop(x) A^T) B^T * s."""
-    name = _single_plain_adapter(self, args, kwargs)
-    if name is None:
+class LoraLinearFunction(torch.autograd.Function):
+    """y = base(x) + s * drop(x) A^T B^T for a frozen base (bitsandbytes 4-bit or plain linear), as
+    one autograd node instead of peft's seven (dropout, two casts, two matmuls, the 4-bit matmul, the
+    add): less Python and fewer kernels per layer and pass, and the backward adds the adapter's
+    input gradient into the base's in place. Saves what peft saves: the dropped-out input and its
+    mask, the rank-r hidden state, the casted adapter weights. base=False: the adapter branch alone.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, base_weight, base_bias, quant_state, scale, p, base):  # noqa: D102
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        if p > 0:
+            dropped, mask = torch.native_dropout(x2, p, True)
+        else:
+            dropped, mask = x2, None
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        hidden = torch.mm(dropped, a.t())
+        if not base:
+            out = torch.mm(hidden, b.t()).mul_(scale)
+        else:
+            out = _frozen_matmul(x2, base_weight, base_bias, quant_state, dtype)
+            out.addmm_(hidden, b.t(), alpha=scale)
+        ctx.save_for_backward(dropped, mask, hidden, a, b, base_weight if base else None)
+        ctx.quant_state, ctx.scale, ctx.p, ctx.dtype, ctx.shape = quant_state, scale, p, dtype, shape
+        ctx.param_dtypes = (weight_a.dtype, weight_b.dtype)
+        return out.view(*shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        dropped, mask, hidden, a, b, base_weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+        grad_b = torch.mm(g.t(), hidden).mul_(ctx.scale)
+        grad_hidden = torch.mm(g, b).mul_(ctx.scale)
+        grad_a = torch.mm(grad_hidden.t(), dropped)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if mask is None and base_weight is not None:
+                grad_x = torch.mm(g, _frozen_weight(base_weight, ctx.quant_state, ctx.dtype))
+                grad_x.addmm_(grad_hidden, a)
+            else:
+                grad_x = torch.mm(grad_hidden, a)
+                if mask is not None:
+                    grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.p))
+                if base_weight is not None:
+                    grad_x = torch.addmm(grad_x, g, _frozen_weight(base_weight, ctx.quant_state, ctx.dtype))
+            grad_x = grad_x.view(ctx.shape)
+        dtype_a, dtype_b = ctx.param_dtypes
+        return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None, None, None
+
+
+def _frozen_matmul(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """x W^T (+ bias) for the frozen base; bitsandbytes runs its 4-bit kernel directly without grad."""
+    bias = None if bias is None else bias.to(dtype)
+    if quant_state is not None:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x2, weight, quant_state=quant_state, bias=bias)
+    return torch.nn.functional.linear(x2, weight.to(dtype), bias)
+
+
+def _frozen_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight (out x in) in the compute dtype, dequantized when 4-bit."""
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | None:
+    """(weight_a, weight_b, base weight, bias, quant state, scale, dropout p) for LoraLinearFunction,
+    or None where peft's own forward must run: anything but one plain adapter (DoRA, several
+    adapters, merged, disabled, a LoRA bias, extra forward arguments), a base other than a frozen
+    bitsandbytes 4-bit or plain linear, or mixed dtypes outside autocast.
+    """
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (
+        args
+        or kwargs
+        or name is None
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or name in getattr(self, "lora_variant", {})
+        or self.lora_B[name].bias is not None
+    ):
+        return None
+    base = self.base_layer
+    weight = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if weight.requires_grad or (quant_state is None and type(base) is not nn.Linear):
+        return None
+    if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
+        return None
+    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == weight_a.dtype == weight_b.dtype):
+        return None
+    if quant_state is None and not torch.is_autocast_enabled(x.device.type) and weight.dtype != x.dtype:
+        return None
+    drop = self.lora_dropout[name]
+    p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    return weight_a, weight_b, weight, base.bias, quant_state, float(self.scaling[name]), p
+
+
+def _lora_fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A peft LoRA layer's forward as one LoraLinearFunction node (peft's own where it does not apply)."""
+    inputs = _lora_inputs(self, x, args, kwargs)
+    if inputs is None:
         return type(self).forward(self, x, *args, **kwargs)
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    result = self.base_layer(x)
-    if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == result.dtype == lora_a.weight.dtype):
-        return type(self).forward(self, x)
-    hidden = lora_a(self.lora_dropout[name](x))
-    out = torch.addmm(
-        result.reshape(-1, result.shape[-1]),
-        hidden.reshape(-1, hidden.shape[-1]),
-        lora_b.weight.t(),
-        alpha=self.scaling[name],
-    )
-    return out.view(result.shape)
+    return LoraLinearFunction.apply(x, *inputs, True)
 
 
 def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -451,12 +550,12 @@ def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     add saves nothing), so with the adapter's branch first the recompute stops before that matmul:
     on Llama that skips down_proj, a quarter of each recomputed layer's matmul FLOPs.
     """
-    name = _single_plain_adapter(self, args, kwargs)
-    if name is None or not (torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A[name].weight.dtype):
+    inputs = _lora_inputs(self, x, args, kwargs)
+    if inputs is None:
         return type(self).forward(self, x, *args, **kwargs)
-    update = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
+    update = LoraLinearFunction.apply(x, *inputs, False)
     result = self.base_layer(x)
-    return torch.add(result, update.to(result.dtype), alpha=self.scaling[name])
+    return torch.add(result, update)
 
 
 def _lora_linears(model: nn.Module) -> list[nn.Module]:
@@ -469,12 +568,12 @@ def _lora_linears(model: nn.Module) -> list[nn.Module]:
 
 
 def fuse_lora(model: nn.Module, *, tail_first: bool = True) -> int:
-    """Give every peft LoRA linear layer the addmm forward, and the last one of each decoder layer
-    the adapter-first forward (tail_first); returns how many layers were changed."""
+    """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction), and the last one
+    of each decoder layer the adapter-first forward (tail_first); returns how many were changed."""
     tails = {id(lins[-1]) for layer in decoder_layers(model) if (lins := _lora_linears(layer))} if tail_first else set()
     modules = _lora_linears(model)
     for module in modules:
-        forward = _lora_tail_forward if id(module) in tails else _lora_addmm_forward
+        forward = _lora_tail_forward if id(module) in tails else _lora_fused_forward
         module.forward = MethodType(forward, module)
     return len(modules)
 
@@ -482,7 +581,7 @@ def fuse_lora(model: nn.Module, *, tail_first: bool = True) -> int:
 def unfuse_lora(model: nn.Module) -> None:
     """Back to peft's own forward."""
     for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) in (_lora_addmm_forward, _lora_tail_forward):
+        if "forward" in vars(module) and getattr(module.forward, "__func__", None) in (_lora_fused_forward, _lora_tail_forward):
             del module.forward
 
 

@@ -5,7 +5,7 @@
 core/train.py makes this call before it builds the Trainer. Each piece has a knob in `train:`
 (params.yaml) whose default `auto` means "on with a CUDA GPU, off on a CPU", so the CPU path trains
 exactly as before. On the 8B shape on an H200 (benchmarks/README.md), with the memory budget at
-0.6x the original recipe's peak, the pieces together give 10,128 tokens/s at 11.5 GiB:
+0.6x the original recipe's peak, the pieces together give 11,060 tokens/s at 13.2 GiB:
 
 - per-layer gradient checkpointing: recompute only as many decoder layers as the memory budget
   needs, the first ones (their recompute runs last, when the later layers' activations are freed);
@@ -20,8 +20,9 @@ exactly as before. On the 8B shape on an H200 (benchmarks/README.md), with the m
   ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
 - compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
   graph, no graph breaks, ~11 s at the first step); liger then keeps only its fused
-  linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it gave no speed-up
-  at 4 x 2048 tokens (10,139 vs 10,273 tokens/s): that step is GPU-bound. Hence off by default.
+  linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it was slower at
+  4 x 2048 tokens (10,627 vs 11,060 tokens/s), though it peaked lower (9.4 vs 13.2 GiB). Hence off
+  by default.
 
 Imports only torch / transformers / peft (liger-kernel when installed): runs on a bare GPU box.
 """
@@ -49,15 +50,17 @@ FAST_ATTENTION = "sdpa_fast"
 IGNORE_INDEX = -100
 
 # Cost model for choosing micro-batch and recomputed layers, calibrated on an H200 with the 8B shape
-# (benchmarks/results/explore_8b_h200.json): a step is GPU-bound or host-bound, whichever is longer.
-# GPU: 4 x 2048 tokens without recompute took 0.59 s -> 8192 * 31.6e9 FLOP / 0.59 s = 440 TFLOP/s of
-# model FLOPs; recomputing all 32 layers made it 0.84 s -> RECOMPUTE_COST = 0.84 / 0.59 - 1 = 0.42.
-GPU_MODEL_FLOPS_PER_S = 440e12
-RECOMPUTE_COST = 0.42
-# Host: 1 x 2048 tokens took 0.33 s without and 0.66 s with recompute whatever the GPU did, i.e. the
-# Python of peft, bitsandbytes, liger and autograd: 0.33 s / (32 layers * 2 passes) = 5.2 ms per
-# layer and pass, and a recomputed layer costs a forward and a backward pass more (checkpoint hooks).
-HOST_S_PER_LAYER_PASS = 5.2e-3
+# (benchmarks/results/explore_fused_8b_h200.json, gpu_train_bench_h200.json): a step is GPU-bound or
+# host-bound, whichever is longer. GPU: 4 x 2048 tokens without recompute took 0.555 s -> 8192 * 31.6e9
+# FLOP / 0.555 s = 466 TFLOP/s of model FLOPs; recomputing all 32 layers (down_proj's frozen matmul
+# skipped, see _lora_tail_forward) made it 0.74 s -> RECOMPUTE_COST = 0.74 / 0.555 - 1 = 0.33.
+GPU_MODEL_FLOPS_PER_S = 466e12
+RECOMPUTE_COST = 0.33
+# Host: 1 x 128 tokens (next to nothing for the GPU) took 0.28 s without and 0.56 s with recompute,
+# i.e. the Python of transformers, liger, the LoRA nodes and autograd: 0.28 s / (32 layers * 2 passes)
+# = 4.4 ms per layer and pass, and a recomputed layer costs a forward and a backward pass more
+# (the checkpoint's hooks and RNG state).
+HOST_S_PER_LAYER_PASS = 4.4e-3
 # With the decoder layers compiled (train.compile): 1 x 2048 tokens with 15/32 layers recomputed took
 # 0.295 s per micro-batch (benchmarks/results/gpu_train_bench_compile_h200.json), i.e. 0.295 s /
 # (32 layers * 2 passes * (1 + 15/32)) = 3.1 ms per layer and pass, as an effective host cost (a 0.5 ms

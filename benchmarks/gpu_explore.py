@@ -92,63 +92,6 @@ def attention_bench(shape: str) -> dict:
     return out
 
 
-def dropout_kernel_check(shape: str) -> dict:
-    """The LoRA dropout kernel on the GPU at this shape's sizes: against torch with the same mask, and
-    its time against native dropout + matmul (forward, and the backward's grad_a + grad_x)."""
-    import torch
-
-    from qlora_pipeline.core import dropout_kernel as dk
-
-    s = bench.SHAPES[shape]
-    m, k, r, p, seed = bench.BATCH[shape] * 2048, s["hidden_size"], 16, 0.05, 4321
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    a = 0.02 * torch.randn(r, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    g = torch.randn(m, r, device="cuda", dtype=torch.bfloat16, generator=gen)
-    gx = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    out: dict = {"m": m, "k": k, "r": r, "p": p}
-    mask = dk.keep_mask((m, k), seed, p, "cuda")
-    out["keep_fraction"] = round(mask.float().mean().item(), 5)
-    dropped = x.float() * mask / (1 - p)
-
-    def rel(a_, b_):
-        return float((a_.float() - b_.float()).norm() / b_.float().norm())
-
-    out["forward_rel_err"] = rel(dk.dropout_lowrank(x, a, seed, p), dropped @ a.float().t())
-    out["grad_a_rel_err"] = rel(dk.dropout_lowrank_grad_a(g, x, seed, p), g.float().t() @ dropped)
-    lora_gx = (g.float() @ a.float()) * mask / (1 - p)
-    out["grad_x_rel_err"] = rel(dk.dropout_lowrank_grad_x_(gx.clone(), g, a, seed, p), gx.float() + lora_gx)
-
-    def timeit(fn, reps=20):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return round((time.perf_counter() - t) / reps * 1e3, 3)
-
-    def native_forward():
-        d, msk = torch.native_dropout(x, p, True)
-        return d @ a.t(), msk
-
-    d0, m0 = native_forward()
-
-    def native_backward():
-        ga = g.t() @ d0
-        gxx = torch.ops.aten.native_dropout_backward(g @ a, m0, 1 / (1 - p))
-        return ga, gx + gxx
-
-    out["ms"] = {
-        "native_forward": timeit(native_forward),
-        "kernel_forward": timeit(lambda: dk.dropout_lowrank(x, a, seed, p)),
-        "native_backward": timeit(native_backward),
-        "kernel_backward": timeit(lambda: (dk.dropout_lowrank_grad_a(g, x, seed, p), dk.dropout_lowrank_grad_x_(gx, g, a, seed, p))),
-    }
-    return out
-
-
 def set_dropout(model, p: float) -> None:
     import torch
 
@@ -245,7 +188,6 @@ def main() -> int:
         print(json.dumps(report)[-400:], flush=True)
 
     report["attention"] = attention_bench(args.shape) if gpu and not args.skip_attention else None
-    report["dropout_kernel"] = dropout_kernel_check(args.shape) if gpu else None
     save()
 
     shape, seq = args.shape, bench.SEQ_LEN[args.shape]
@@ -290,8 +232,7 @@ def main() -> int:
     sweep = []
     report["sweep"] = sweep
     # micro:recomputed[:flags]; flags: u = peft's LoRA forward (not fused), n = no adapter-first tail
-    # layer (recompute runs down_proj's frozen matmul again), d = LoRA dropout 0, t = 128-token rows,
-    # k = peft-style dropout (a mask and a dropped copy kept per adapter) instead of the dropout kernel
+    # layer (recompute runs down_proj's frozen matmul again), d = LoRA dropout 0, t = 128-token rows
     # (the host's time per step: tokens/s x 128 is the GPU's share, the rest is Python)
     for config in args.configs.split(","):
         b, k, *rest = config.split(":")
@@ -299,11 +240,10 @@ def main() -> int:
         dropout = 0.0 if "d" in flags else bench.LORA["dropout"]
         fast.unfuse_lora(model)
         if "u" not in flags:
-            fast.fuse_lora(model, tail_first="n" not in flags, dropout_kernel="k" not in flags)
+            fast.fuse_lora(model, tail_first="n" not in flags)
         set_dropout(model, dropout)
         fast.set_checkpointed_layers(model, k)
-        kernel = "k" not in flags and "u" not in flags and fast.dropout_kernel.available()
-        est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=0.0 if kernel else dropout) / 2**30
+        est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=dropout) / 2**30
         row = dict(micro=b, ckpt_layers=k, flags=flags, dropout=dropout, est_gib=round(est, 2))
         try:
             tok_s, peak = run(b, args.steps, short="t" in flags)

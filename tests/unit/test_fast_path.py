@@ -252,11 +252,11 @@ def test_fused_lora_with_dropout_matches_peft_in_distribution(tiny_model):
     for p in layer.lora_B.parameters():
         torch.nn.init.normal_(p, std=0.05)
     inputs = fast._lora_inputs(layer, torch.zeros(1, 1, layer.in_features), (), {})
-    weight_a, weight_b, base_weight, bias, quant_state, scale, p, kernel = inputs
-    assert p == 0.5 and not kernel  # peft's own dropout (not fused): the kernel needs fuse_lora
+    weight_a, weight_b, base_weight, bias, quant_state, scale, p = inputs
+    assert p == 0.5
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     torch.manual_seed(7)
-    out = fast.LoraLinearFunction.apply(x, weight_a, weight_b, base_weight, bias, quant_state, scale, p, False, True)
+    out = fast.LoraLinearFunction.apply(x, weight_a, weight_b, base_weight, bias, quant_state, scale, p, True)
     torch.manual_seed(7)
     dropped, mask = torch.native_dropout(x.detach().reshape(-1, x.shape[-1]), p, True)
     xr = x.detach().clone().requires_grad_()

@@ -40,8 +40,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from qlora_pipeline.core import dropout_kernel
-
 if TYPE_CHECKING:
     from qlora_pipeline.config import TrainConfig
 
@@ -439,24 +437,17 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, base_weight, base_bias, quant_state, scale, p, kernel, base):  # noqa: D102
+    def forward(ctx, x, weight_a, weight_b, base_weight, base_bias, quant_state, scale, p, base):  # noqa: D102
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        a, b = weight_a.to(dtype), weight_b.to(dtype)
-        ctx.seed = None
-        if p > 0 and kernel and dropout_kernel.supported(x2, a.shape[0]):
-            # the mask comes from a seed and is made again in the backward: x2 is kept, not a copy
-            ctx.seed = dropout_kernel.new_seed()
-            dropped, mask = x2, None
-            hidden = dropout_kernel.dropout_lowrank(x2, a, ctx.seed, p)
+        if p > 0:
+            dropped, mask = torch.native_dropout(x2, p, True)
         else:
-            if p > 0:
-                dropped, mask = torch.native_dropout(x2, p, True)
-            else:
-                dropped, mask = x2, None
-            hidden = torch.mm(dropped, a.t())
+            dropped, mask = x2, None
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        hidden = torch.mm(dropped, a.t())
         if not base:
             out = torch.mm(hidden, b.t()).mul_(scale)
         else:
@@ -473,19 +464,9 @@ class LoraLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
         grad_b = torch.mm(g.t(), hidden).mul_(ctx.scale)
         grad_hidden = torch.mm(g, b).mul_(ctx.scale)
+        grad_a = torch.mm(grad_hidden.t(), dropped)
         grad_x = None
-        if ctx.seed is not None:
-            grad_a = dropout_kernel.dropout_lowrank_grad_a(grad_hidden, dropped, ctx.seed, ctx.p)
-            if ctx.needs_input_grad[0]:
-                if base_weight is not None:
-                    grad_x = torch.mm(g, _frozen_weight(base_weight, ctx.quant_state, ctx.dtype))
-                else:
-                    grad_x = torch.empty_like(dropped)
-                dropout_kernel.dropout_lowrank_grad_x_(grad_x, grad_hidden, a, ctx.seed, ctx.p, accumulate=base_weight is not None)
-                grad_x = grad_x.view(ctx.shape)
-        else:
-            grad_a = torch.mm(grad_hidden.t(), dropped)
-        if ctx.needs_input_grad[0] and grad_x is None:
+        if ctx.needs_input_grad[0]:
             if mask is None and base_weight is not None:
                 grad_x = torch.mm(g, _frozen_weight(base_weight, ctx.quant_state, ctx.dtype))
                 grad_x.addmm_(grad_hidden, a)
@@ -497,7 +478,7 @@ class LoraLinearFunction(torch.autograd.Function):
                     grad_x = torch.addmm(grad_x, g, _frozen_weight(base_weight, ctx.quant_state, ctx.dtype))
             grad_x = grad_x.view(ctx.shape)
         dtype_a, dtype_b = ctx.param_dtypes
-        return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None, None, None, None
+        return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None, None, None
 
 
 def _frozen_matmul(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -520,8 +501,7 @@ def _frozen_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -
 
 
 def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | None:
-    """(weight_a, weight_b, base weight, bias, quant state, scale, dropout p, whether to use the
-    dropout kernel) for LoraLinearFunction,
+    """(weight_a, weight_b, base weight, bias, quant state, scale, dropout p) for LoraLinearFunction,
     or None where peft's own forward must run: anything but one plain adapter (DoRA, several
     adapters, merged, disabled, a LoRA bias, extra forward arguments), a base other than a frozen
     bitsandbytes 4-bit or plain linear, or mixed dtypes outside autocast.
@@ -553,8 +533,7 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) ->
         return None
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    kernel = bool(getattr(self, "_dropout_kernel", False))
-    return weight_a, weight_b, weight, base.bias, quant_state, float(self.scaling[name]), p, kernel
+    return weight_a, weight_b, weight, base.bias, quant_state, float(self.scaling[name]), p
 
 
 def _lora_fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -562,7 +541,7 @@ def _lora_fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     inputs = _lora_inputs(self, x, args, kwargs)
     if inputs is None:
         return type(self).forward(self, x, *args, **kwargs)
-    return LoraLinearFunction.apply(x, *inputs, True)  # noqa: FBT003
+    return LoraLinearFunction.apply(x, *inputs, True)
 
 
 def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -591,16 +570,14 @@ def _lora_linears(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def fuse_lora(model: nn.Module, *, tail_first: bool = True, dropout_kernel: bool = True) -> int:
+def fuse_lora(model: nn.Module, *, tail_first: bool = True) -> int:
     """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction), and the last one
-    of each decoder layer the adapter-first forward (tail_first); with LoRA dropout on, the dropout
-    fused into the adapter's matmuls where triton runs (dropout_kernel). Returns how many changed."""
+    of each decoder layer the adapter-first forward (tail_first); returns how many were changed."""
     tails = {id(lins[-1]) for layer in decoder_layers(model) if (lins := _lora_linears(layer))} if tail_first else set()
     modules = _lora_linears(model)
     for module in modules:
         forward = _lora_tail_forward if id(module) in tails else _lora_fused_forward
         module.forward = MethodType(forward, module)
-        module._dropout_kernel = dropout_kernel
     return len(modules)
 
 
@@ -609,7 +586,6 @@ def unfuse_lora(model: nn.Module) -> None:
     for module in model.modules():
         if "forward" in vars(module) and getattr(module.forward, "__func__", None) in (_lora_fused_forward, _lora_tail_forward):
             del module.forward
-            vars(module).pop("_dropout_kernel", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -924,10 +900,6 @@ def apply_fast_path(
     dims = ModelDims.from_config(base.config)
     if lora_dropout is None:
         lora_dropout = _lora_dropout(model)
-    if options.fused_lora and lora_dropout > 0 and dropout_kernel.available() and _cuda(next(model.parameters()).device):
-        lora_dropout_memory = 0.0  # the dropout kernel keeps no masks or dropped copies
-    else:
-        lora_dropout_memory = lora_dropout
     liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
     fused = fuse_lora(model) if options.fused_lora else 0
     varlen = enable_fast_attention(model) if options.padding_free else False
@@ -944,7 +916,7 @@ def apply_fast_path(
         checkpointing=options.checkpointing,
         tune_micro_batch=options.tune_micro_batch,
         liger=liger,
-        lora_dropout=lora_dropout_memory,
+        lora_dropout=lora_dropout,
         compiled=options.compile,
     )
     set_checkpointed_layers(model, plan.checkpoint_layers)

@@ -242,6 +242,23 @@ def test_recompute_stops_before_the_last_frozen_matmul_of_each_layer(tiny_model,
     fast.unfuse_lora(model)
 
 
+def test_fused_lora_returns_the_autocast_dtype_for_float32_inputs(tiny_model):
+    # OPT's LayerNorm runs in float32 under autocast, so its q/k/v inputs are float32; the LoRA
+    # layers must still return bf16, as autocast's own matmuls do (flash attention takes no float32)
+    cfg, _, model = tiny_model
+    model, _ = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
+    model.train()  # as in training (in eval mode bitsandbytes repacks CPU weights for inference)
+    attn, mlp = fast.decoder_layers(model)[0].self_attn, fast.decoder_layers(model)[0].mlp
+    x = torch.randn(2, 5, attn.q_proj.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attn.q_proj(x)  # peft's forward
+        fast.fuse_lora(model)
+        fused, tail = attn.q_proj(x), mlp.down_proj(torch.randn(2, 5, mlp.down_proj.in_features))
+    fast.unfuse_lora(model)
+    assert fused.dtype == tail.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_fused_lora_with_dropout_matches_peft_in_distribution(tiny_model):
     # with dropout the masks differ from peft's, so compare what must hold exactly: the same mask
     # seen by forward and backward (gradients equal a reference computed from the saved mask)

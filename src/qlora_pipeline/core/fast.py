@@ -456,7 +456,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(dropped, mask, hidden, a, b, base_weight if base else None)
         ctx.quant_state, ctx.scale, ctx.p, ctx.dtype, ctx.shape = quant_state, scale, p, dtype, shape
         ctx.param_dtypes = (weight_a.dtype, weight_b.dtype)
-        return out.view(*shape[:-1], out.shape[-1]).to(x.dtype)
+        return out.view(*shape[:-1], out.shape[-1])  # the compute dtype, as autocast's matmuls return
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -558,7 +558,7 @@ def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
         return type(self).forward(self, x, *args, **kwargs)
     update = LoraLinearFunction.apply(x, *inputs, False)
     result = self.base_layer(x)
-    return torch.add(result, update)
+    return torch.add(result.to(update.dtype), update)  # the compute dtype, as autocast's matmuls return
 
 
 def _lora_linears(model: nn.Module) -> list[nn.Module]:

@@ -150,7 +150,8 @@ class TrainConfig(_Section):
     use_liger: bool | Literal["auto"] = "auto"
     """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel (the `gpu` extra)."""
     fused_lora: bool | Literal["auto"] = "auto"
-    """Add each LoRA update in one addmm instead of peft's clone + scale + add."""
+    """Each LoRA linear layer as one autograd node (frozen matmul, dropout, adapter, fused add);
+    each decoder layer's last one runs its adapter first, so recompute skips its frozen matmul."""
     padding_free: bool | Literal["auto"] = "auto"
     """Drop pad tokens: each micro-batch becomes one row of samples, attention kept per sample."""
     tune_micro_batch: bool = True

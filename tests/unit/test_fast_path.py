@@ -259,6 +259,18 @@ def test_fused_lora_returns_the_autocast_dtype_for_float32_inputs(tiny_model):
     torch.testing.assert_close(fused.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_fused_lora_leaves_trained_base_parameters_to_peft(tiny_model):
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
+    layer = fast.decoder_layers(model)[0].self_attn.q_proj
+    x = torch.zeros(1, 1, layer.in_features)
+    assert fast._lora_inputs(layer, x, (), {}) is not None
+    layer.base_layer.bias = torch.nn.Parameter(torch.zeros(layer.out_features))  # LoRA bias="all"
+    assert fast._lora_inputs(layer, x, (), {}) is None
+    layer.base_layer.bias.requires_grad_(False)
+    assert fast._lora_inputs(layer, x, (), {}) is not None
+
+
 def test_fused_lora_with_dropout_matches_peft_in_distribution(tiny_model):
     # with dropout the masks differ from peft's, so compare what must hold exactly: the same mask
     # seen by forward and backward (gradients equal a reference computed from the saved mask)

@@ -522,7 +522,9 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) ->
     base = self.base_layer
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
-    if weight.requires_grad or (quant_state is None and type(base) is not nn.Linear):
+    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None  # a trained base weight or bias (LoRA bias="all") needs peft's gradients
+    if quant_state is None and type(base) is not nn.Linear:
         return None
     if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
         return None

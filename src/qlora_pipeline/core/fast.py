@@ -502,22 +502,11 @@ def _frozen_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -
 
 def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | None:
     """(weight_a, weight_b, base weight, bias, quant state, scale, dropout p) for LoraLinearFunction,
-    or None where peft's own forward must run: anything but one plain adapter (DoRA, several
-    adapters, merged, disabled, a LoRA bias, extra forward arguments), a base other than a frozen
-    bitsandbytes 4-bit or plain linear, or mixed dtypes outside autocast.
+    or None where peft's own forward must run: anything but one plain adapter, a base other than a
+    frozen bitsandbytes 4-bit or plain linear, or mixed dtypes outside autocast.
     """
-    active = self.active_adapters
-    name = active[0] if len(active) == 1 else None
-    if (
-        args
-        or kwargs
-        or name is None
-        or self.disable_adapters
-        or self.merged
-        or name not in self.lora_A
-        or name in getattr(self, "lora_variant", {})
-        or self.lora_B[name].bias is not None
-    ):
+    name = _single_plain_adapter(self, args, kwargs)
+    if name is None:
         return None
     base = self.base_layer
     weight = base.weight

@@ -207,22 +207,25 @@ def main() -> int:
     rows = [{"input_ids": s} for s in samples]
     model.train()
 
+    def train_step(batch: dict) -> None:
+        batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     def run(b: int, steps: int, short: bool = False) -> tuple[float, float]:
         # short: 128-token rows, so the GPU has little to do and the step time is the host's
         data = bench.batches([{"input_ids": r["input_ids"][:128]} for r in rows] if short else rows, b, collator)
         reset_peak()
         times = []
         for i in range(steps + 1):
-            batch, real, _ = next(data)
-            batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch, _, _ = next(data)
             sync()
             t0 = time.perf_counter()
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
-                loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(batch)
             sync()
             if i:
                 times.append(time.perf_counter() - t0)
@@ -276,14 +279,7 @@ def main() -> int:
     data = bench.batches(rows, plan.micro_batch_size, collator)
 
     def one_step():
-        batch, _, _ = next(data)
-        batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(next(data)[0])
 
     report["profile_plan"] = profile_step(one_step, gpu)
     save()

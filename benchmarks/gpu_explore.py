@@ -138,6 +138,22 @@ def profile_step(step_fn, gpu: bool = True) -> dict:
         sums[fam] = sums.get(fam, 0.0) + dev_us / 1e3
         kernels.append((dev_us / 1e3, e.count, e.key[:110]))
     kernels.sort(reverse=True)
+    # which host ops launch the small kernels (adds, copies, casts): op and its callers
+    launchers: dict[str, list[float]] = {}
+    for e in prof.events():
+        for k in getattr(e, "kernels", []) or []:
+            kname = k.name.lower()
+            if not any(w in kname for w in ("memcpy", "elementwise", "copy", "functor_add", "masked_scale")):
+                continue
+            chain, parent = [e.name], e.cpu_parent
+            while parent is not None and len(chain) < 4:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            key = f"{k.name[:60]} <- {' < '.join(chain)}"
+            row = launchers.setdefault(key, [0.0, 0])
+            row[0] += k.duration / 1e3
+            row[1] += 1
+    top_launchers = sorted(launchers.items(), key=lambda kv: -kv[1][0])[:25]
     host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
     return {
         "top_host_ops": [{"ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count, "name": e.key[:110]} for e in host],
@@ -145,6 +161,7 @@ def profile_step(step_fn, gpu: bool = True) -> dict:
         "gpu_busy_ms": round(sum(sums.values()), 1),
         "by_family_ms": {k: round(v, 1) for k, v in sorted(sums.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"ms": round(ms, 2), "calls": c, "name": n} for ms, c, n in kernels[:25]],
+        "small_kernel_launchers": [{"ms": round(v[0], 2), "calls": v[1], "chain": k} for k, v in top_launchers],
     }
 
 
@@ -235,7 +252,8 @@ def main() -> int:
     sweep = []
     report["sweep"] = sweep
     # micro:recomputed[:flags]; flags: u = peft's LoRA forward (not fused), n = no adapter-first tail
-    # layer (recompute runs down_proj's frozen matmul again), d = LoRA dropout 0, t = 128-token rows
+    # layer (recompute runs down_proj's frozen matmul again), g = no sibling groups (q/k/v and gate/up
+    # each their own node), d = LoRA dropout 0, t = 128-token rows
     # (the host's time per step: tokens/s x 128 is the GPU's share, the rest is Python)
     for config in args.configs.split(","):
         b, k, *rest = config.split(":")
@@ -243,7 +261,7 @@ def main() -> int:
         dropout = 0.0 if "d" in flags else bench.LORA["dropout"]
         fast.unfuse_lora(model)
         if "u" not in flags:
-            fast.fuse_lora(model, tail_first="n" not in flags)
+            fast.fuse_lora(model, tail_first="n" not in flags, group_siblings="g" not in flags)
         set_dropout(model, dropout)
         fast.set_checkpointed_layers(model, k)
         est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=dropout) / 2**30

@@ -209,8 +209,6 @@ def test_fused_lora_matches_peft_forward_and_grads(tiny_model):
 def test_recompute_stops_before_the_last_frozen_matmul_of_each_layer(tiny_model, monkeypatch):
     # every layer checkpointed: the backward re-runs each layer's forward, but only until its last
     # saved tensor; the tail layer (down_proj) runs its adapter first, so its 4-bit matmul is skipped
-    import bitsandbytes
-
     cfg, _, model = tiny_model
     model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
     ref_loss, ref_grads = loss_and_grads()
@@ -221,25 +219,111 @@ def test_recompute_stops_before_the_last_frozen_matmul_of_each_layer(tiny_model,
         for kind in ("down", "up"):
             kinds[id(getattr(layer.mlp, f"{kind}_proj").base_layer.weight)] = kind
     calls = {"down": 0, "up": 0}
-    matmul_4bit = bitsandbytes.matmul_4bit
+    frozen_matmul, frozen_weight = fast._frozen_matmul, fast._frozen_weight
 
-    def counting(x, weight, *args, **kwargs):
+    def count(weight):
         if id(weight) in kinds:
             calls[kinds[id(weight)]] += 1
-        return matmul_4bit(x, weight, *args, **kwargs)
 
-    monkeypatch.setattr(bitsandbytes, "matmul_4bit", counting)
+    def counting_matmul(x, weight, *args):
+        count(weight)
+        return frozen_matmul(x, weight, *args)
+
+    def counting_weight(weight, *args):
+        count(weight)
+        return frozen_weight(weight, *args)
+
+    monkeypatch.setattr(fast, "_frozen_matmul", counting_matmul)
+    monkeypatch.setattr(fast, "_frozen_weight", counting_weight)
     assert fast.fuse_lora(model) == 14
     loss, grads = loss_and_grads()
-    assert calls == {"down": 2, "up": 4}  # down: forward only; up: forward and recompute
+    # per layer, down: forward and backward; up: forward, recompute and backward
+    assert calls == {"down": 4, "up": 6}
     assert torch.allclose(loss, ref_loss, rtol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, ref_grads))
     calls.update(down=0, up=0)
     fast.unfuse_lora(model)
     fast.fuse_lora(model, tail_first=False)
     loss_and_grads()
-    assert calls == {"down": 4, "up": 4}
+    assert calls == {"down": 6, "up": 6}
     fast.unfuse_lora(model)
+
+
+def count_nodes(monkeypatch) -> list[int]:
+    """Patches LoraLinearFunction.forward to record each node's number of members."""
+    sizes: list[int] = []
+    forward = fast.LoraLinearFunction.forward
+
+    def counting(ctx, x, members, *weights):
+        sizes.append(len(members))
+        return forward(ctx, x, members, *weights)
+
+    monkeypatch.setattr(fast.LoraLinearFunction, "forward", staticmethod(counting))
+    return sizes
+
+
+def test_sibling_layers_run_as_one_node_with_peft_results(tiny_model, monkeypatch):
+    cfg, _, model = tiny_model
+    model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
+    model.train()  # in eval mode bitsandbytes repacks CPU weights for inference (and peft runs them)
+    ref_loss, ref_grads = loss_and_grads()
+    sizes = count_nodes(monkeypatch)
+    fast.fuse_lora(model)
+    loss, grads = loss_and_grads()
+    assert sorted(sizes) == [1, 1, 1, 1, 2, 2, 3, 3]  # per layer: q/k/v, o, gate/up, down
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, ref_grads))
+    fast.unfuse_lora(model)
+    sizes.clear()
+    fast.fuse_lora(model, group_siblings=False)
+    loss_and_grads()
+    assert sizes == [1] * 14
+    fast.unfuse_lora(model)
+    assert not any(hasattr(m, "_lora_group") for m in model.modules())
+
+
+def test_sibling_group_called_out_of_turn_falls_back_to_each_layer(tiny_model):
+    cfg, _, model = tiny_model
+    model, _ = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
+    model.train()
+    attn = fast.decoder_layers(model)[0].self_attn
+    x, other = torch.randn(2, 5, attn.q_proj.in_features), torch.randn(2, 5, attn.q_proj.in_features)
+    expected = [attn.q_proj(x), attn.k_proj(other), attn.v_proj(x)]  # peft's forward
+    fast.fuse_lora(model)
+    got = [attn.q_proj(x), attn.k_proj(other), attn.v_proj(x)]  # k breaks the pattern
+    assert not attn.q_proj._lora_group[0].enabled
+    got += [attn.k_proj(x), attn.q_proj(x)]  # out of order, each on its own from now on
+    fast.unfuse_lora(model)
+    for a, b in zip(got, [*expected, attn.k_proj(x), attn.q_proj(x)]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_dropout_draws_each_layers_mask_as_single_nodes_do(tiny_model):
+    # a group draws its members' masks in member order: with one seed, grouped and single nodes
+    # see the same masks, so outputs and gradients agree exactly
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.3}), gradient_checkpointing=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    attn = fast.decoder_layers(model)[0].self_attn
+    trainable = [p for m in (attn.q_proj, attn.k_proj, attn.v_proj) for p in m.parameters() if p.requires_grad]
+    x = torch.randn(2, 5, attn.q_proj.in_features)
+
+    def run(group: bool):
+        fast.fuse_lora(model, group_siblings=group)
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = sum(p(xr).square().sum() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        grads = torch.autograd.grad(out, [xr, *trainable])
+        fast.unfuse_lora(model)
+        return out.detach(), grads
+
+    (out_g, grads_g), (out_s, grads_s) = run(True), run(False)
+    torch.testing.assert_close(out_g, out_s)
+    for a, b in zip(grads_g, grads_s):
+        torch.testing.assert_close(a, b)
 
 
 def test_fused_lora_returns_the_autocast_dtype_for_float32_inputs(tiny_model):
@@ -280,12 +364,12 @@ def test_fused_lora_with_dropout_matches_peft_in_distribution(tiny_model):
     layer.train()
     for p in layer.lora_B.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    inputs = fast._lora_inputs(layer, torch.zeros(1, 1, layer.in_features), (), {})
-    weight_a, weight_b, base_weight, bias, quant_state, scale, p = inputs
+    member, weight_a, weight_b = fast._lora_inputs(layer, torch.zeros(1, 1, layer.in_features), (), {})
+    base_weight, bias, quant_state, scale, p = member.weight, member.bias, member.quant_state, member.scale, member.p
     assert p == 0.5
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     torch.manual_seed(7)
-    out = fast.LoraLinearFunction.apply(x, weight_a, weight_b, base_weight, bias, quant_state, scale, p, True)
+    out = fast.LoraLinearFunction.apply(x, (member,), weight_a, weight_b)
     torch.manual_seed(7)
     dropped, mask = torch.native_dropout(x.detach().reshape(-1, x.shape[-1]), p, True)
     xr = x.detach().clone().requires_grad_()

@@ -428,57 +428,113 @@ def _single_plain_adapter(module: nn.Module, args: tuple, kwargs: dict) -> str |
     return name
 
 
+@dataclass(frozen=True, eq=False)
+class LoraMember:
+    """One LoRA linear layer's constants for LoraLinearFunction: its frozen base (weight, bias,
+    bitsandbytes quant state, or None for a plain weight), the adapter's scale and dropout, and
+    whether the node runs the base matmul too (base=False: the adapter's branch alone)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    quant_state: Any
+    scale: float
+    p: float
+    base: bool = True
+
+
 class LoraLinearFunction(torch.autograd.Function):
-    """y = base(x) + s * drop(x) A^T B^T for a frozen base (bitsandbytes 4-bit or plain linear), as
-    one autograd node instead of peft's seven (dropout, two casts, two matmuls, the 4-bit matmul, the
-    add): less Python and fewer kernels per layer and pass, and the backward adds the adapter's
-    input gradient into the base's in place. Saves what peft saves: the dropped-out input and its
-    mask, the rank-r hidden state, the casted adapter weights. base=False: the adapter branch alone.
+    """y_i = base_i(x) + s_i * drop_i(x) A_i^T B_i^T for one LoRA linear layer, or for sibling layers
+    that take the same input (q/k/v, gate/up), as one autograd node instead of peft's seven per layer
+    (dropout, two casts, two matmuls, the 4-bit matmul, the add): less Python and fewer kernels per
+    layer and pass, and the backward sums the members' input gradients in place, in the matmuls'
+    epilogues. Saves what peft saves: each member's dropped-out input and mask, its rank-r hidden
+    state and casted adapter weights. Each member draws its own dropout mask, in member order, as
+    peft's layers do when called one after another.
+
+        outputs = LoraLinearFunction.apply(x, members, a_0, b_0, a_1, b_1, ...)  # a tuple if several
     """
 
     @staticmethod
-    def forward(ctx, x, weight_a, weight_b, base_weight, base_bias, quant_state, scale, p, base):  # noqa: D102
+    def forward(ctx, x, members, *weights):  # noqa: D102
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        if p > 0:
-            dropped, mask = torch.native_dropout(x2, p, True)
-        else:
-            dropped, mask = x2, None
-        a, b = weight_a.to(dtype), weight_b.to(dtype)
-        hidden = torch.mm(dropped, a.t())
-        if not base:
-            out = torch.mm(hidden, b.t()).mul_(scale)
-        else:
-            out = _frozen_matmul(x2, base_weight, base_bias, quant_state, dtype)
-            out.addmm_(hidden, b.t(), alpha=scale)
-        ctx.save_for_backward(dropped, mask, hidden, a, b, base_weight if base else None)
-        ctx.quant_state, ctx.scale, ctx.p, ctx.dtype, ctx.shape = quant_state, scale, p, dtype, shape
-        ctx.param_dtypes = (weight_a.dtype, weight_b.dtype)
-        return out.view(*shape[:-1], out.shape[-1])  # the compute dtype, as autocast's matmuls return
+        outputs, saved = [], []
+        for member, weight_a, weight_b in zip(members, weights[0::2], weights[1::2]):
+            if member.p > 0:
+                dropped, mask = torch.native_dropout(x2, member.p, True)
+            else:
+                dropped, mask = x2, None
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            hidden = torch.mm(dropped, a.t())
+            if member.base:
+                out = _frozen_matmul(x2, member.weight, member.bias, member.quant_state, dtype)
+                out.addmm_(hidden, b.t(), alpha=member.scale)
+            else:
+                out = torch.mm(hidden, b.t()).mul_(member.scale)
+            outputs.append(out.view(*shape[:-1], out.shape[-1]))  # the compute dtype, as autocast's matmuls return
+            saved += [dropped, mask, hidden, a, b]
+        ctx.save_for_backward(*saved)
+        ctx.members, ctx.dtype, ctx.shape = members, dtype, shape
+        ctx.param_dtypes = [w.dtype for w in weights]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: D102
+        saved = ctx.saved_tensors
+        grad_x, grad_weights = None, []
+        for i, (member, grad) in enumerate(zip(ctx.members, grads)):
+            dropped, mask, hidden, a, b = saved[5 * i : 5 * i + 5]
+            if grad is None:
+                grad_weights += [None, None]
+                continue
+            g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+            grad_b = torch.mm(g.t(), hidden).mul_(member.scale)
+            grad_hidden = torch.mm(g, b).mul_(member.scale)
+            grad_weights += [torch.mm(grad_hidden.t(), dropped), grad_b]
+            if not ctx.needs_input_grad[0]:
+                continue
+            if mask is None:
+                grad_x = torch.mm(grad_hidden, a) if grad_x is None else grad_x.addmm_(grad_hidden, a)
+            else:
+                part, keep = torch.mm(grad_hidden, a), 1.0 / (1.0 - member.p)
+                if grad_x is None:
+                    grad_x = torch.ops.aten.native_dropout_backward(part, mask, keep)
+                else:
+                    grad_x.addcmul_(part, mask, value=keep)
+            if member.base:
+                grad_x.addmm_(g, _frozen_weight(member.weight, member.quant_state, ctx.dtype))
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.shape)
+        grad_weights = [g if g is None else g.to(dtype) for g, dtype in zip(grad_weights, ctx.param_dtypes)]
+        return grad_x, None, *grad_weights
+
+
+class FrozenLinearAddFunction(torch.autograd.Function):
+    """y = x W^T (+ bias) + update for a frozen base, the add done by the matmul's epilogue.
+
+    Saves no tensor for its backward (the frozen weight stays on ctx), which _lora_tail_forward
+    relies on: a recomputed decoder layer stops before it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, update, weight, bias, quant_state):  # noqa: D102
+        dtype = update.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = torch.addmm(update.reshape(-1, update.shape[-1]), x2, _frozen_weight(weight, quant_state, dtype).t())
+        if bias is not None:
+            out.add_(bias.to(dtype))
+        ctx.weight, ctx.quant_state, ctx.dtype, ctx.shape = weight, quant_state, dtype, x.shape
+        return out.view(update.shape)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        dropped, mask, hidden, a, b, base_weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
-        grad_b = torch.mm(g.t(), hidden).mul_(ctx.scale)
-        grad_hidden = torch.mm(g, b).mul_(ctx.scale)
-        grad_a = torch.mm(grad_hidden.t(), dropped)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if mask is None and base_weight is not None:
-                grad_x = torch.mm(g, _frozen_weight(base_weight, ctx.quant_state, ctx.dtype))
-                grad_x.addmm_(grad_hidden, a)
-            else:
-                grad_x = torch.mm(grad_hidden, a)
-                if mask is not None:
-                    grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.p))
-                if base_weight is not None:
-                    grad_x = torch.addmm(grad_x, g, _frozen_weight(base_weight, ctx.quant_state, ctx.dtype))
-            grad_x = grad_x.view(ctx.shape)
-        dtype_a, dtype_b = ctx.param_dtypes
-        return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None, None, None
+            g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+            grad_x = torch.mm(g, _frozen_weight(ctx.weight, ctx.quant_state, ctx.dtype)).view(ctx.shape)
+        return grad_x, grad, None, None, None
 
 
 def _frozen_matmul(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -500,20 +556,20 @@ def _frozen_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -
     return weight.to(dtype)
 
 
-def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | None:
-    """(weight_a, weight_b, base weight, bias, quant state, scale, dropout p) for LoraLinearFunction,
-    or None where peft's own forward must run: anything but one plain adapter, a base other than a
-    frozen bitsandbytes 4-bit or plain linear, or mixed dtypes outside autocast.
+def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *, base: bool = True) -> tuple | None:
+    """(LoraMember, weight_a, weight_b) for LoraLinearFunction, or None where peft's own forward must
+    run: anything but one plain adapter, a base other than a frozen bitsandbytes 4-bit or plain
+    linear, or mixed dtypes outside autocast.
     """
     name = _single_plain_adapter(self, args, kwargs)
     if name is None:
         return None
-    base = self.base_layer
-    weight = base.weight
+    base_layer = self.base_layer
+    weight = base_layer.weight
     quant_state = getattr(weight, "quant_state", None)
-    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+    if weight.requires_grad or (base_layer.bias is not None and base_layer.bias.requires_grad):
         return None  # a trained base weight or bias (LoRA bias="all") needs peft's gradients
-    if quant_state is None and type(base) is not nn.Linear:
+    if quant_state is None and type(base_layer) is not nn.Linear:
         return None
     if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
         return None
@@ -524,7 +580,8 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) ->
         return None
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    return weight_a, weight_b, weight, base.bias, quant_state, float(self.scaling[name]), p
+    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, base)
+    return member, weight_a, weight_b
 
 
 def _lora_fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -532,7 +589,8 @@ def _lora_fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     inputs = _lora_inputs(self, x, args, kwargs)
     if inputs is None:
         return type(self).forward(self, x, *args, **kwargs)
-    return LoraLinearFunction.apply(x, *inputs, True)
+    member, weight_a, weight_b = inputs
+    return LoraLinearFunction.apply(x, (member,), weight_a, weight_b)
 
 
 def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -540,16 +598,62 @@ def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
 
     A recomputed decoder layer re-runs its forward only until every tensor its backward needs is
     saved again (torch's non-reentrant checkpoint stops early there). Nothing after this layer's
-    frozen matmul saves a tensor (its 4-bit weight is not an autograd-saved tensor, the residual
-    add saves nothing), so with the adapter's branch first the recompute stops before that matmul:
-    on Llama that skips down_proj, a quarter of each recomputed layer's matmul FLOPs.
+    frozen matmul saves a tensor (FrozenLinearAddFunction keeps its weight on ctx, the residual add
+    saves nothing), so with the adapter's branch first the recompute stops before that matmul: on
+    Llama that skips down_proj, a quarter of each recomputed layer's matmul FLOPs.
     """
-    inputs = _lora_inputs(self, x, args, kwargs)
+    inputs = _lora_inputs(self, x, args, kwargs, base=False)
     if inputs is None:
         return type(self).forward(self, x, *args, **kwargs)
-    update = LoraLinearFunction.apply(x, *inputs, False)
-    result = self.base_layer(x)
-    return torch.add(result.to(update.dtype), update)  # the compute dtype, as autocast's matmuls return
+    member, weight_a, weight_b = inputs
+    update = LoraLinearFunction.apply(x, (member,), weight_a, weight_b)
+    return FrozenLinearAddFunction.apply(x, update, member.weight, member.bias, member.quant_state)
+
+
+# Sibling LoRA layers that take the same input in transformers' decoder layers (Llama, Mistral,
+# Qwen, Gemma, ...): one node runs them together.
+SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _SiblingGroup:
+    """LoRA layers of one module called one after another on the same input. The first one's call
+    runs them all as one LoraLinearFunction node and holds the others' outputs for their calls.
+    A call that breaks the pattern (another input, another order) turns the group off for good:
+    each layer then runs its own node, so a model that does not fit the pattern stays correct."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.enabled = True
+
+    def lead(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        self.pending.clear()
+        if not self.enabled:
+            return None
+        inputs = [_lora_inputs(m, x, args, kwargs) for m in self.modules]
+        if any(i is None for i in inputs):
+            return None
+        members = tuple(i[0] for i in inputs)
+        outputs = LoraLinearFunction.apply(x, members, *(w for i in inputs for w in i[1:]))
+        self.pending = {index: (x, out) for index, out in enumerate(outputs[1:], 1)}
+        return outputs[0]
+
+    def follow(self, index: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        entry = self.pending.pop(index, None)
+        if entry is not None and entry[0] is x and not args and not kwargs:
+            return entry[1]
+        if self.enabled:
+            self.enabled = False
+            self.pending.clear()
+            log.info("LoRA layers %s are not called in turn on one input; each runs on its own", [type(m).__name__ for m in self.modules])
+        return None
+
+
+def _lora_group_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A grouped sibling's forward: the group's node (see _SiblingGroup), else its own."""
+    group, index = self._lora_group
+    out = group.lead(x, args, kwargs) if index == 0 else group.follow(index, x, args, kwargs)
+    return _lora_fused_forward(self, x, *args, **kwargs) if out is None else out
 
 
 def _lora_linears(model: nn.Module) -> list[nn.Module]:
@@ -561,13 +665,37 @@ def _lora_linears(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def fuse_lora(model: nn.Module, *, tail_first: bool = True) -> int:
-    """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction), and the last one
-    of each decoder layer the adapter-first forward (tail_first); returns how many were changed."""
-    tails = {id(lins[-1]) for layer in decoder_layers(model) if (lins := _lora_linears(layer))} if tail_first else set()
+def _sibling_groups(layer: nn.Module, exclude: set[int]) -> list[list[nn.Module]]:
+    lora = {id(m) for m in _lora_linears(layer)} - exclude
+    groups = []
+    for parent in layer.modules():
+        for names in SIBLING_GROUPS:
+            members = [m for n in names if id(m := getattr(parent, n, None)) in lora]
+            if len(members) > 1 and len({m.in_features for m in members}) == 1:
+                groups.append(members)
+    return groups
+
+
+def fuse_lora(model: nn.Module, *, tail_first: bool = True, group_siblings: bool = True) -> int:
+    """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction): the last one of
+    each decoder layer the adapter-first forward (tail_first), siblings on one input one node
+    together (group_siblings, SIBLING_GROUPS). Returns how many layers were changed."""
+    tails: set[int] = set()
+    if tail_first:
+        tails = {id(lins[-1]) for layer in decoder_layers(model) if (lins := _lora_linears(layer))}
+    grouped: dict[int, tuple[_SiblingGroup, int]] = {}
+    if group_siblings:
+        for layer in decoder_layers(model):
+            for members in _sibling_groups(layer, tails):
+                group = _SiblingGroup(members)
+                grouped.update({id(m): (group, index) for index, m in enumerate(members)})
     modules = _lora_linears(model)
     for module in modules:
-        forward = _lora_tail_forward if id(module) in tails else _lora_fused_forward
+        if id(module) in grouped:
+            module._lora_group = grouped[id(module)]
+            forward = _lora_group_forward
+        else:
+            forward = _lora_tail_forward if id(module) in tails else _lora_fused_forward
         module.forward = MethodType(forward, module)
     return len(modules)
 
@@ -575,8 +703,12 @@ def fuse_lora(model: nn.Module, *, tail_first: bool = True) -> int:
 def unfuse_lora(model: nn.Module) -> None:
     """Back to peft's own forward."""
     for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) in (_lora_fused_forward, _lora_tail_forward):
+        if "forward" in vars(module) and getattr(module.forward, "__func__", None) in _FUSED_FORWARDS:
             del module.forward
+        vars(module).pop("_lora_group", None)
+
+
+_FUSED_FORWARDS = (_lora_fused_forward, _lora_tail_forward, _lora_group_forward)
 
 
 # ---------------------------------------------------------------------------------------------

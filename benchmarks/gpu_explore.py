@@ -102,6 +102,89 @@ def set_dropout(model, p: float) -> None:
                 drop[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
 
 
+def check_packed_dropout() -> dict:
+    """The bit-mask dropout kernels against torch on the GPU: values, mask statistics, the same mask
+    after restoring the generator (a recompute), the LoRA node's gradients (with and without
+    checkpointing), and the kernels' time next to torch's dropout + mask + add."""
+    import torch
+    import torch.utils.checkpoint
+
+    from qlora_pipeline.core import fast, packed_dropout as pd
+
+    out: dict = {}
+    p, dev = 0.05, "cuda"
+    x = torch.randn(8192, 4096, device=dev, dtype=torch.bfloat16)
+    state = torch.cuda.get_rng_state()
+    y, bits = pd.dropout_forward(x, p)
+    mask = pd.unpack_bits(bits, x.numel()).view_as(x)
+    out["keep_fraction"] = round(float(mask.float().mean()), 5)
+    out["forward_max_abs_diff"] = float((y.float() - torch.where(mask, x.float() / (1 - p), 0.0)).abs().max())
+    torch.cuda.set_rng_state(state)
+    out["same_mask_after_restoring_the_generator"] = bool(torch.equal(pd.dropout_forward(x, p)[1], bits))
+    out["next_mask_differs"] = not torch.equal(pd.dropout_forward(x, p)[1], bits)
+    g, acc = torch.randn_like(x), torch.randn_like(x)
+    ref = (g.float() * mask / (1 - p))
+    out["backward_max_abs_diff"] = float((pd.dropout_backward(g, bits, p).float() - ref).abs().max())
+    out["backward_accumulate_max_abs_diff"] = float((pd.dropout_backward(g, bits, p, out=acc.clone()).float() - (acc.float() + ref)).abs().max())
+    small = torch.randn(8 * 1001, device=dev, dtype=torch.bfloat16)  # not a multiple of the block
+    ys, bs = pd.dropout_forward(small, 0.3)
+    ms = pd.unpack_bits(bs, small.numel())
+    out["tail_block_ok"] = bool(torch.equal(ys, torch.where(ms, small.float() / 0.7, 0.0).to(torch.bfloat16)))
+
+    # the LoRA node: gradients against a reference built from the same (unpacked) mask
+    torch.manual_seed(0)
+    w = torch.randn(1024, 4096, device=dev, dtype=torch.bfloat16) / 64
+    a = (torch.randn(16, 4096, device=dev) / 64).requires_grad_()
+    b = (torch.randn(1024, 16, device=dev) / 4).requires_grad_()
+    member = fast.LoraMember(w, None, None, 2.0, p, True, True)
+    xi = torch.randn(4, 512, 4096, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    state = torch.cuda.get_rng_state()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        yo = fast.LoraLinearFunction.apply(xi, (member,), a, b)
+    grad = torch.randn_like(yo)
+    gx, ga, gb = torch.autograd.grad(yo, (xi, a, b), grad)
+    torch.cuda.set_rng_state(state)
+    _, bits2 = pd.dropout_forward(xi.detach().reshape(-1, 4096), p)
+    m2 = pd.unpack_bits(bits2, xi.numel()).view(-1, 4096)
+    xr, ar, br = xi.detach().float().reshape(-1, 4096).requires_grad_(), a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    yr = xr @ w.float().t() + (xr * m2 / (1 - p)) @ ar.t() @ br.t() * 2.0
+    rgx, rga, rgb = torch.autograd.grad(yr, (xr, ar, br), grad.float().reshape(-1, 1024))
+
+    def rel(u, v):
+        return round(float((u.float() - v.float()).norm() / v.float().norm()), 5)
+
+    out["node_rel_err"] = {"y": rel(yo.reshape(-1, 1024), yr), "x": rel(gx.reshape(-1, 4096), rgx), "a": rel(ga, rga), "b": rel(gb, rgb)}
+
+    # checkpointed: the recompute must draw the same masks
+    def f(t):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fast.LoraLinearFunction.apply(t, (member,), a, b)
+
+    torch.manual_seed(1)
+    g1 = torch.autograd.grad(f(xi), (xi, a, b), grad)
+    torch.manual_seed(1)
+    g2 = torch.autograd.grad(torch.utils.checkpoint.checkpoint(f, xi, use_reentrant=False), (xi, a, b), grad)
+    out["checkpoint_grads_equal"] = all(torch.equal(u, v) for u, v in zip(g1, g2))
+
+    def timeit(fn, reps=20):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t) / reps * 1e3, 4)
+
+    native_mask = torch.rand_like(x, dtype=torch.float32) > p
+    out["ms_8192x4096"] = {
+        "torch_dropout_forward": timeit(lambda: torch.native_dropout(x, p, True)),
+        "bits_dropout_forward": timeit(lambda: pd.dropout_forward(x, p)),
+        "torch_mask_and_add": timeit(lambda: acc.add_(torch.ops.aten.native_dropout_backward(g, native_mask, 1 / (1 - p)))),
+        "bits_mask_and_add": timeit(lambda: pd.dropout_backward(g, bits, p, out=acc)),
+    }
+    return out
+
+
 def profile_step(step_fn, gpu: bool = True) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -205,6 +288,14 @@ def main() -> int:
         print(json.dumps(report)[-400:], flush=True)
 
     report["attention"] = attention_bench(args.shape) if gpu and not args.skip_attention else None
+    if gpu:
+        from qlora_pipeline.core import packed_dropout
+
+        try:
+            report["packed_dropout"] = check_packed_dropout() if packed_dropout.available() else "unavailable"
+        except Exception as exc:  # recorded, and the sweep goes on to show what else fails
+            report["packed_dropout"] = f"error: {type(exc).__name__}: {str(exc)[:1500]}"
+        print(report["packed_dropout"], flush=True)
     save()
 
     shape, seq = args.shape, bench.SEQ_LEN[args.shape]
@@ -253,7 +344,7 @@ def main() -> int:
     report["sweep"] = sweep
     # micro:recomputed[:flags]; flags: u = peft's LoRA forward (not fused), n = no adapter-first tail
     # layer (recompute runs down_proj's frozen matmul again), g = no sibling groups (q/k/v and gate/up
-    # each their own node), d = LoRA dropout 0, t = 128-token rows
+    # each their own node), b = torch's byte dropout masks (not bits), d = LoRA dropout 0, t = 128-token rows
     # (the host's time per step: tokens/s x 128 is the GPU's share, the rest is Python)
     for config in args.configs.split(","):
         b, k, *rest = config.split(":")
@@ -261,10 +352,11 @@ def main() -> int:
         dropout = 0.0 if "d" in flags else bench.LORA["dropout"]
         fast.unfuse_lora(model)
         if "u" not in flags:
-            fast.fuse_lora(model, tail_first="n" not in flags, group_siblings="g" not in flags)
+            fast.fuse_lora(model, tail_first="n" not in flags, group_siblings="g" not in flags, packed_mask=rep.packed_mask and "b" not in flags)
         set_dropout(model, dropout)
         fast.set_checkpointed_layers(model, k)
-        est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=dropout) / 2**30
+        packed = rep.packed_mask and "b" not in flags and "u" not in flags
+        est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=dropout, packed_mask=packed) / 2**30
         row = dict(micro=b, ckpt_layers=k, flags=flags, dropout=dropout, est_gib=round(est, 2))
         try:
             tok_s, peak = run(b, args.steps, short="t" in flags)
@@ -279,14 +371,14 @@ def main() -> int:
         print(row, flush=True)
         save()
     fast.unfuse_lora(model)
-    fast.fuse_lora(model)
+    fast.fuse_lora(model, packed_mask=rep.packed_mask)
     set_dropout(model, bench.LORA["dropout"])
 
     # The plan for the target budget, run as planned, then profiled
     plan = fast.plan_memory(
         dims, seq_len=seq, batch_size=bench.BATCH[shape], accumulation=1, static_bytes=static,
         budget_gib=args.budget_gib, checkpointing="auto", tune_micro_batch=True, liger=rep.liger,
-        lora_dropout=bench.LORA["dropout"],
+        lora_dropout=bench.LORA["dropout"], packed_mask=rep.packed_mask,
     )
     report["plan_at_budget"] = plan.describe()
     fast.set_checkpointed_layers(model, plan.checkpoint_layers)

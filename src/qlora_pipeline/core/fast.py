@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from qlora_pipeline.core import packed_dropout
+
 if TYPE_CHECKING:
     from qlora_pipeline.config import TrainConfig
 
@@ -181,7 +183,7 @@ class ModelDims:
         )
 
 
-def layer_activation_bytes(dims: ModelDims, *, liger: bool, lora_dropout: float) -> float:
+def layer_activation_bytes(dims: ModelDims, *, liger: bool, lora_dropout: float, packed_mask: bool = False) -> float:
     """Bytes per token that one decoder layer keeps for its backward when it is not recomputed (bf16).
 
     Counted from what autograd saves in a Llama layer with LoRA on every linear: RMSNorm inputs and
@@ -195,8 +197,9 @@ def layer_activation_bytes(dims: ModelDims, *, liger: bool, lora_dropout: float)
         elems += 4 * d + f  # fp32 copies inside the eager RMSNorms; silu(gate) kept beside gate and up
     total = 2.0 * elems
     if lora_dropout > 0:
-        # each adapter keeps its own dropped-out input; 8B: 69 KB measured = 1.75 bytes per element
-        total += 1.75 * (5 * d + q + f)
+        # each adapter keeps its own dropped-out input; 8B: 69 KB measured = 1.75 bytes per element,
+        # of which the mask is a byte: 7/8 of it go when the mask is kept as bits
+        total += (1.75 - (0.875 if packed_mask else 0.0)) * (5 * d + q + f)
     return total
 
 
@@ -226,6 +229,7 @@ def estimate_peak_bytes(
     *,
     liger: bool,
     lora_dropout: float,
+    packed_mask: bool = False,
 ) -> float:
     """Peak GPU memory of one training step with `tokens` tokens per micro-batch.
 
@@ -233,7 +237,7 @@ def estimate_peak_bytes(
     plus the recomputed layers' inputs) and the backward of the recomputed layers (their inputs
     plus the one layer being recomputed; the kept layers, the last ones, are freed by then).
     """
-    per_layer = layer_activation_bytes(dims, liger=liger, lora_dropout=lora_dropout)
+    per_layer = layer_activation_bytes(dims, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask)
     checkpoint_layers = min(checkpoint_layers, dims.num_layers)
     kept = dims.num_layers - checkpoint_layers
     inputs = checkpoint_layers * 2.0 * dims.hidden
@@ -291,6 +295,7 @@ def plan_memory(
     liger: bool,
     lora_dropout: float,
     compiled: bool = False,
+    packed_mask: bool = False,
 ) -> MemoryPlan:
     """The fastest (micro-batch, recomputed layers) whose estimated peak fits the budget.
 
@@ -303,7 +308,7 @@ def plan_memory(
     budget = math.inf if budget_gib is None else budget_gib * GIB
 
     def peak(b: int, k: int) -> float:
-        return estimate_peak_bytes(dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout)
+        return estimate_peak_bytes(dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask)
 
     best: tuple[float, int, int] | None = None
     for b in sizes:
@@ -432,7 +437,8 @@ def _single_plain_adapter(module: nn.Module, args: tuple, kwargs: dict) -> str |
 class LoraMember:
     """One LoRA linear layer's constants for LoraLinearFunction: its frozen base (weight, bias,
     bitsandbytes quant state, or None for a plain weight), the adapter's scale and dropout, and
-    whether the node runs the base matmul too (base=False: the adapter's branch alone)."""
+    whether the node runs the base matmul too (base=False: the adapter's branch alone), and whether
+    its dropout keeps the mask as bits (core/packed_dropout.py, CUDA) or as torch's bytes."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -440,6 +446,7 @@ class LoraMember:
     scale: float
     p: float
     base: bool = True
+    packed: bool = False
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -462,7 +469,9 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         outputs, saved = [], []
         for member, weight_a, weight_b in zip(members, weights[0::2], weights[1::2]):
-            if member.p > 0:
+            if member.p > 0 and member.packed:
+                dropped, mask = packed_dropout.dropout_forward(x2, member.p)
+            elif member.p > 0:
                 dropped, mask = torch.native_dropout(x2, member.p, True)
             else:
                 dropped, mask = x2, None
@@ -499,6 +508,8 @@ class LoraLinearFunction(torch.autograd.Function):
                 continue
             if mask is None:
                 grad_x = torch.mm(grad_hidden, a) if grad_x is None else grad_x.addmm_(grad_hidden, a)
+            elif member.packed:  # mask applied and added into grad_x in one kernel
+                grad_x = packed_dropout.dropout_backward(torch.mm(grad_hidden, a), mask, member.p, out=grad_x)
             else:
                 part = torch.ops.aten.native_dropout_backward(torch.mm(grad_hidden, a), mask, 1.0 / (1.0 - member.p))
                 grad_x = part if grad_x is None else grad_x.add_(part)  # addcmul_ with a bool mask is 3x slower
@@ -581,7 +592,8 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
         return None
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, base)
+    packed = p > 0 and getattr(self, "_lora_packed_dropout", False) and packed_dropout.supports(x)
+    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, base, packed)
     return member, weight_a, weight_b
 
 
@@ -677,10 +689,11 @@ def _sibling_groups(layer: nn.Module, exclude: set[int]) -> list[list[nn.Module]
     return groups
 
 
-def fuse_lora(model: nn.Module, *, tail_first: bool = True, group_siblings: bool = True) -> int:
+def fuse_lora(model: nn.Module, *, tail_first: bool = True, group_siblings: bool = True, packed_mask: bool = False) -> int:
     """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction): the last one of
     each decoder layer the adapter-first forward (tail_first), siblings on one input one node
-    together (group_siblings, SIBLING_GROUPS). Returns how many layers were changed."""
+    together (group_siblings, SIBLING_GROUPS), dropout masks kept as bits on a CUDA GPU
+    (packed_mask, core/packed_dropout.py). Returns how many layers were changed."""
     tails: set[int] = set()
     if tail_first:
         tails = {id(lins[-1]) for layer in decoder_layers(model) if (lins := _lora_linears(layer))}
@@ -698,6 +711,8 @@ def fuse_lora(model: nn.Module, *, tail_first: bool = True, group_siblings: bool
         else:
             forward = _lora_tail_forward if id(module) in tails else _lora_fused_forward
         module.forward = MethodType(forward, module)
+        if packed_mask:
+            module._lora_packed_dropout = True
     return len(modules)
 
 
@@ -707,6 +722,7 @@ def unfuse_lora(model: nn.Module) -> None:
         if "forward" in vars(module) and getattr(module.forward, "__func__", None) in _FUSED_FORWARDS:
             del module.forward
         vars(module).pop("_lora_group", None)
+        vars(module).pop("_lora_packed_dropout", None)
 
 
 _FUSED_FORWARDS = (_lora_fused_forward, _lora_tail_forward, _lora_group_forward)
@@ -983,11 +999,14 @@ class FastPathReport:
     varlen_attention: bool
     padding_free: bool
     compiled_layers: int = 0
+    packed_mask: bool = False
 
     def describe(self) -> str:
         liger = ("linear+cross-entropy only" if self.compiled_layers else "on") if self.liger else "off"
         parts = [self.plan.describe(), f"liger {liger}"]
         parts.append(f"fused LoRA on {self.fused_lora_modules} layers" if self.fused_lora_modules else "fused LoRA off")
+        if self.packed_mask:
+            parts.append("LoRA dropout masks as bits")
         if self.padding_free:
             parts.append("padding-free batches" + (" with varlen/cuDNN attention" if self.varlen_attention else " (SDPA masks)"))
         parts.append(f"{self.compiled_layers} layers compiled" if self.compiled_layers else "not compiled")
@@ -1025,7 +1044,9 @@ def apply_fast_path(
     if lora_dropout is None:
         lora_dropout = _lora_dropout(model)
     liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
-    fused = fuse_lora(model) if options.fused_lora else 0
+    # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves
+    packed = options.fused_lora and not options.compile and _cuda(next(model.parameters()).device) and packed_dropout.available()
+    fused = fuse_lora(model, group_siblings=not options.compile, packed_mask=packed) if options.fused_lora else 0
     varlen = enable_fast_attention(model) if options.padding_free else False
     if max_seq_len is None:
         max_seq_len = longest_example(train_dataset) if train_dataset is not None else 0
@@ -1042,6 +1063,7 @@ def apply_fast_path(
         liger=liger,
         lora_dropout=lora_dropout,
         compiled=options.compile,
+        packed_mask=packed and lora_dropout > 0,
     )
     set_checkpointed_layers(model, plan.checkpoint_layers)
     compiled = compile_layers(model) if options.compile else 0
@@ -1059,7 +1081,7 @@ def apply_fast_path(
     )
     if options.padding_free and collator is not None:
         collator = PaddingFreeCollator(collator)
-    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled)
+    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, packed)
     log.info("fast path: %s", report.describe())
     return model, cfg, collator, report
 

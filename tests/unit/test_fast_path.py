@@ -44,6 +44,7 @@ def test_checkpointing_knob_accepts_bool_auto_or_layer_count(value):
         ({"use_liger": "sometimes"}, "train.use_liger"),
         ({"padding_free": "maybe"}, "train.padding_free"),
         ({"fused_lora": 3}, "train.fused_lora"),
+        ({"dropout_mask_bits": "bits"}, "train.dropout_mask_bits"),
         ({"compile": "sometimes"}, "train.compile"),
         ({"fast_path": True}, "train.fast_path: unknown key"),
     ],
@@ -56,6 +57,7 @@ def test_bad_knobs_fail_with_their_key(train, message):
 def test_auto_knobs_switch_everything_off_on_a_cpu():
     opts = fast.resolve_options(TrainConfig(), "cpu")
     assert (opts.liger, opts.fused_lora, opts.padding_free, opts.tune_micro_batch) == (False, False, False, False)
+    assert opts.dropout_mask_bits is False
     assert opts.checkpointing is True and opts.memory_budget_gib is None
 
 
@@ -83,6 +85,11 @@ def test_compiled_plan_keeps_the_measured_fastest_choice():
     dims = fast.ModelDims.from_config(LlamaConfig(**LLAMA_8B))
     one = 4 * fast.step_seconds(dims, 2048, 2048, 15, compiled=True)
     assert 0.9 < one / (8192 / 6937) < 1.1  # the measured 1 x 2048 x 4 step time
+
+
+def test_bit_masks_forced_on_without_a_cuda_gpu_fail_clearly():
+    with pytest.raises(RuntimeError, match="train.dropout_mask_bits is true but it is not available here"):
+        fast.resolve_options(TrainConfig(dropout_mask_bits=True), "cpu")
 
 
 def test_liger_forced_on_without_liger_fails_clearly(monkeypatch):

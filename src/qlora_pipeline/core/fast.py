@@ -112,6 +112,7 @@ class FastOptions:
     tune_micro_batch: bool
     memory_budget_gib: float | None  # None: no GPU, nothing to plan against
     compile: bool = False
+    dropout_mask_bits: bool = False
 
 
 def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) -> FastOptions:
@@ -127,6 +128,7 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         tune_micro_batch=bool(cfg.tune_micro_batch) and on_gpu,
         memory_budget_gib=budget,
         compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
+        dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=packed_dropout.available()),
     )
 
 
@@ -1045,7 +1047,7 @@ def apply_fast_path(
         lora_dropout = _lora_dropout(model)
     liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
     # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves
-    packed = options.fused_lora and not options.compile and _cuda(next(model.parameters()).device) and packed_dropout.available()
+    packed = options.fused_lora and options.dropout_mask_bits and not options.compile
     fused = fuse_lora(model, group_siblings=not options.compile, packed_mask=packed) if options.fused_lora else 0
     varlen = enable_fast_attention(model) if options.padding_free else False
     if max_seq_len is None:

@@ -46,17 +46,28 @@ def _kernels() -> tuple[Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def forward_kernel(x_ptr, y_ptr, bits_ptr, seed_ptr, n, p, scale, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    def drop_part(x_ptr, y_ptr, bits_ptr, start, r, n, p, scale, PART: tl.constexpr):
+        offs = start + tl.arange(0, PART)
         valid = offs < n
         x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        keep = tl.rand(tl.load(seed_ptr), offs) >= p
+        keep = r >= p
         tl.store(y_ptr + offs, tl.where(keep, x * scale, 0.0).to(y_ptr.dtype.element_ty), mask=valid)
-        flags = tl.reshape(keep.to(tl.int32), (BLOCK // 8, 8))
+        flags = tl.reshape(keep.to(tl.int32), (PART // 8, 8))
         byte = tl.sum(flags << tl.arange(0, 8)[None, :], axis=1)
-        boffs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        boffs = start // 8 + tl.arange(0, PART // 8)
         tl.store(bits_ptr + boffs, byte.to(tl.uint8), mask=boffs < n // 8)
+
+    @triton.jit
+    def forward_kernel(x_ptr, y_ptr, bits_ptr, seed_ptr, n, p, scale, BLOCK: tl.constexpr):
+        # one Philox call gives four numbers: each quarter of the block takes one of them
+        PART: tl.constexpr = BLOCK // 4
+        pid = tl.program_id(0)
+        r0, r1, r2, r3 = tl.rand4x(tl.load(seed_ptr), pid * PART + tl.arange(0, PART))
+        start = pid * BLOCK
+        drop_part(x_ptr, y_ptr, bits_ptr, start, r0, n, p, scale, PART)
+        drop_part(x_ptr, y_ptr, bits_ptr, start + PART, r1, n, p, scale, PART)
+        drop_part(x_ptr, y_ptr, bits_ptr, start + 2 * PART, r2, n, p, scale, PART)
+        drop_part(x_ptr, y_ptr, bits_ptr, start + 3 * PART, r3, n, p, scale, PART)
 
     @triton.jit
     def backward_kernel(g_ptr, bits_ptr, out_ptr, n, scale, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):

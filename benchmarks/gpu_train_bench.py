@@ -23,7 +23,7 @@ Recipes (each in its own process, so patches and allocator state never leak betw
   fast          core.fast.apply_fast_path with train.memory_budget_gib set to 0.6x the lowest
                 original* peak of this run (or --fast-budget-gib): liger, fused LoRA, padding-free
                 packed batches with varlen (or cuDNN) attention, planned checkpointing and micro-batch
-  fast_bytes    fast with train.dropout_mask_bits: false (torch's dropout, a byte per mask element)
+  fast_bits     fast with train.dropout_mask_bits: true (LoRA dropout masks as bits, a Triton kernel)
   fast_max      the fast path with the whole GPU as its budget (memory_budget_gib: auto)
   fast_expseg   fast with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the allocator grows
                 segments instead of splitting cached blocks; the pipeline sets it for training)
@@ -77,7 +77,7 @@ BATCH = {"1b": 8, "8b": 4, "tiny": 4}
 SEQ_LEN = {"1b": 2048, "8b": 2048, "tiny": 128}
 LORA = dict(r=16, alpha=32, dropout=0.05)  # the pipeline's params.yaml lora section
 VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0
-BUDGETED = ("fast", "fast_bytes", "fast_expseg", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
+BUDGETED = ("fast", "fast_bits", "fast_expseg", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def setup_recipe(model, spec: dict[str, Any]):
         tune_micro_batch=recipe != "fast_compiled_m4",
         memory_budget_gib=spec.get("budget_gib") or "auto",
         compile=recipe.startswith("fast_compiled"),
-        dropout_mask_bits=False if recipe == "fast_bytes" else "auto",
+        dropout_mask_bits=recipe == "fast_bits",
     )
     model = apply_lora(model, lora_settings(dropout), gradient_checkpointing="auto")
     model, cfg, collator, report = apply_fast_path(model, cfg, collate_padded, max_seq_len=spec["seq_len"])
@@ -405,7 +405,7 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for workload in ("fixed", "variable"):
             by = {r["recipe"]: r for r in results if r["shape"] == shape and r["workload"] == workload and "error" not in r and not r.get("check")}
             row = {"shape": shape, "workload": workload}
-            for name in ("fast", "fast_bytes", "fast_expseg", "fast_compiled", "fast_compiled_m4"):
+            for name in ("fast", "fast_bits", "fast_expseg", "fast_compiled", "fast_compiled_m4"):
                 fast = by.get(name)
                 if not fast:
                     continue

@@ -141,6 +141,10 @@ def test_estimate_tracks_the_measured_peaks():
     for (micro, layers, dropout), measured in measured_peaks.items():
         est = fast.estimate_peak_bytes(dims, micro * 2048, layers, 5.97 * GIB, liger=True, lora_dropout=dropout) / GIB
         assert measured <= est <= 1.06 * measured, (micro, layers, dropout, est)
+    # with the masks as bits (benchmarks/results/explore_bits4x_8b_h200.json), static 6.0 GiB
+    for layers, measured in {29: 12.44, 28: 13.73, 32: 9.86}.items():
+        est = fast.estimate_peak_bytes(dims, 4 * 2048, layers, 6.0 * GIB, liger=True, lora_dropout=0.05, packed_mask=True) / GIB
+        assert measured <= est <= 1.06 * measured, (layers, est)
 
 
 # --- batches -------------------------------------------------------------------------------------

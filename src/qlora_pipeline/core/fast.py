@@ -5,7 +5,7 @@
 core/train.py makes this call before it builds the Trainer. Each piece has a knob in `train:`
 (params.yaml) whose default `auto` means "on with a CUDA GPU, off on a CPU", so the CPU path trains
 exactly as before. On the 8B shape on an H200 (benchmarks/README.md), with the memory budget at
-0.6x the original recipe's peak, the pieces together give 11,060 tokens/s at 13.2 GiB:
+0.6x the original recipe's peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
 
 - per-layer gradient checkpointing: recompute only as many decoder layers as the memory budget
   needs, the first ones (their recompute runs last, when the later layers' activations are freed);
@@ -14,17 +14,21 @@ exactly as before. On the 8B shape on an H200 (benchmarks/README.md), with the m
 - liger-kernel (the `gpu` extra): fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy, which never
   materialises the (tokens x vocab) logits: half the memory of checkpointed training;
 - fused LoRA: each LoRA linear layer one autograd node (frozen matmul, dropout, adapter, fused
-  add) instead of peft's seven; the last one of each decoder layer runs its adapter first, so a
-  recomputed layer stops before its frozen matmul (down_proj on Llama);
+  add) instead of peft's seven, and siblings on one input (q/k/v, gate/up) one node together; the
+  last one of each decoder layer runs its adapter first, so a recomputed layer stops before its
+  frozen matmul (down_proj on Llama), which then adds the adapter's update in its epilogue;
+- dropout masks as bits (opt-in, `train.dropout_mask_bits`): ~6% less peak at the same recompute,
+  no faster (Triton's launch cost on the host outweighs its lighter kernels);
 - padding-free batches: pad tokens dropped, samples packed into one row with per-sample position
   ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
 - compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
   graph, no graph breaks, ~11 s at the first step); liger then keeps only its fused
   linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it was slower at
-  4 x 2048 tokens (10,627 vs 11,060 tokens/s), though it peaked lower (9.4 vs 13.2 GiB). Hence off
-  by default.
+  4 x 2048 tokens (10,627 vs 11,060 tokens/s before the sibling groups), though it peaked lower (9.4
+  vs 13.2 GiB). Hence off by default.
 
-Imports only torch / transformers / peft (liger-kernel when installed): runs on a bare GPU box.
+Imports only torch / transformers / peft (liger-kernel and triton when installed): runs on a bare
+GPU box.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """LoRA dropout on the GPU with its mask kept as bits (Triton), for the one-node LoRA layers.
 
 torch's dropout keeps a byte per element for the backward; this keeps a bit, so a decoder layer
-that is not recomputed holds ~0.26 GiB less at 8 x 2048 tokens on an 8B model, and the kernels
+that is not recomputed holds ~0.26 GiB less at 4 x 2048 tokens on an 8B model, and the kernels
 move fewer bytes: the forward writes the dropped-out input and the bits, the backward applies the
-mask and adds into the input gradient in one pass (torch needs a mask kernel and an add).
+mask and adds into the input gradient in one pass (torch needs a mask kernel and an add). On an
+H200 the kernels are lighter (benchmarks/README.md) but the step is no faster: each Triton launch
+costs the host more than torch's, and the step is close to host-bound. Hence opt-in
+(`train.dropout_mask_bits`).
 
     dropped, bits = dropout_forward(x2, p)            # x2: contiguous, numel a multiple of 8
     grad_x = dropout_backward(grad, bits, p, out=grad_x)  # out=None: a new tensor; else added into out

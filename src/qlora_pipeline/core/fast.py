@@ -62,11 +62,11 @@ IGNORE_INDEX = -100
 # skipped, see _lora_tail_forward) made it 0.74 s -> RECOMPUTE_COST = 0.74 / 0.555 - 1 = 0.33.
 GPU_MODEL_FLOPS_PER_S = 466e12
 RECOMPUTE_COST = 0.33
-# Host: 1 x 128 tokens (next to nothing for the GPU) took 0.28 s without and 0.56 s with recompute,
-# i.e. the Python of transformers, liger, the LoRA nodes and autograd: 0.28 s / (32 layers * 2 passes)
-# = 4.4 ms per layer and pass, and a recomputed layer costs a forward and a backward pass more
-# (the checkpoint's hooks and RNG state).
-HOST_S_PER_LAYER_PASS = 4.4e-3
+# Host: 1 x 128 tokens (next to nothing for the GPU) took 0.22 s without and 0.35 s with recompute
+# (explore_group_8b_h200.json), i.e. the Python of transformers, liger, the LoRA nodes and autograd:
+# 0.22 s / (32 layers * 2 passes) = 3.4 ms per layer and pass, and a recomputed layer costs about a
+# forward and a backward pass more (the checkpoint's hooks and RNG state).
+HOST_S_PER_LAYER_PASS = 3.4e-3
 # With the decoder layers compiled (train.compile): 1 x 2048 tokens with 15/32 layers recomputed took
 # 0.295 s per micro-batch (benchmarks/results/gpu_train_bench_compile_h200.json), i.e. 0.295 s /
 # (32 layers * 2 passes * (1 + 15/32)) = 3.1 ms per layer and pass, as an effective host cost (a 0.5 ms

@@ -7,7 +7,8 @@ A flow run
 1. validates its overrides (dotted params.yaml keys, like `dvc exp run -S`) with the pipeline's
    config code, so a bad value fails the run with the validation message before anything runs;
 2. checks out the commit in its own git worktree that shares the project's DVC cache
-   (workspace.py), so runs triggered together never share a params.yaml, dvc.lock or output;
+   (workspace.py), so runs triggered together never share a params.yaml, dvc.lock or output, and
+   brings back the outputs of stages an earlier run already ran with the same inputs;
 3. runs each stage as a task through DVC, which decides what is stale and records lineage in
    dvc.lock; the GPU stages hold a global concurrency slot, so one GPU never trains twice at once;
 4. saves the result as a DVC experiment and publishes a markdown artifact with the metrics, the
@@ -75,16 +76,21 @@ def validate_params(project: Path, commit: str, overrides: dict[str, Any]) -> Pi
 
 
 @task(name="checkout", cache_policy=NO_CACHE, timeout_seconds=SETUP_TIMEOUT_S)
-def checkout(project: Path, run_id: str, commit: str, experiment: str, overrides: dict[str, Any]) -> Workspace:
-    """Make this run's worktree, with the overrides written to its params.yaml."""
+def checkout(project: Path, run_id: str, commit: str, experiment: str, overrides: dict[str, Any], reuse: bool = True) -> Workspace:
+    """Make this run's worktree, with the overrides written to its params.yaml and, with reuse, the
+    outputs of the stages an earlier run already ran with the same inputs (DVC then skips them)."""
     ws = workspace.create(project, run_id, commit, experiment)
     try:
         workspace.write_params(ws, overrides)
+        if reuse:
+            ws = workspace.reuse_earlier_outputs(ws)
     except BaseException:
         workspace.remove(ws)
         raise
     logger = get_run_logger()
     logger.info("workspace %s at %s", ws.path, commit[:10])
+    if ws.reused_stages:
+        logger.info("reusing the outputs of %s for %s: same data, code and params", ws.reused_from, ", ".join(ws.reused_stages))
     if ws.uncommitted_data:
         logger.warning("using uncommitted %s from %s; commit it to pin the data to the code", ", ".join(ws.uncommitted_data), project)
     return ws
@@ -165,6 +171,7 @@ def publish_summary(record: RunRecord, ws: Workspace) -> dict[str, Any]:
         "dvc_experiment_commit": record.experiment_commit,
         "commit": record.commit,
         "stages": {s.stage: s.status for s in record.stages},
+        "reused_from": record.reused_from,
     }
 
 
@@ -225,7 +232,8 @@ def qlora_pipeline(
     Args:
         overrides: params.yaml values for this run, by dotted key, e.g. {"train.learning_rate": 1e-4}.
         git_rev: the commit (branch, tag, sha) of the project to run; uncommitted edits are not used.
-        force: run every stage even if DVC finds it up to date (`dvc repro --force`).
+        force: reuse no earlier run's outputs, and run every stage even if DVC finds it up to date
+            (`dvc repro --force`).
         timeouts_s: per-stage timeouts in seconds, e.g. {"train": 7200}; defaults in DEFAULT_TIMEOUTS_S.
         keep_workspace: keep the run's git worktree under .prefect/runs/ after the run (for debugging).
     """
@@ -241,10 +249,11 @@ def qlora_pipeline(
     run_id, run_name = flow_run.id or "local", flow_run.name or "local"
     experiment = f"{run_name}-{run_id[:8]}"
     uri, _ = connect_tracking(project, cfg.tracking.experiment)
-    ws = checkout(project, run_id, commit, experiment, overrides)
+    ws = checkout(project, run_id, commit, experiment, overrides, reuse=not force)
     record = RunRecord(
         flow_run_name=run_name, flow_run_id=run_id, commit=commit, experiment=experiment,
         overrides=overrides, tracking_uri=uri, git_remote=_git_remote(project),
+        reused_from=ws.reused_from, reused_stages=list(ws.reused_stages),
     )
     try:
         extra_env = {

@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this run, e.g. -S train.learning_rate=1e-4 (repeatable)")
     parser.add_argument("--rev", default="HEAD", help="git commit, branch or tag to run (default: HEAD)")
-    parser.add_argument("--force", action="store_true", help="run every stage, even if DVC finds it up to date")
+    parser.add_argument("--force", action="store_true", help="run every stage: reuse no earlier outputs, even where DVC finds them up to date")
     parser.add_argument("--keep-workspace", action="store_true", help="keep the run's worktree under .prefect/runs/")
     return parser.parse_args(argv)
 

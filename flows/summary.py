@@ -33,6 +33,9 @@ class RunRecord:
     """metrics/register.json"""
     tracking_uri: str = ""
     git_remote: str | None = None
+    reused_from: str | None = None
+    """The saved experiment (or "dvc.lock") whose outputs the run reused for reused_stages."""
+    reused_stages: list[str] = field(default_factory=list)
 
 
 def mlflow_ui_base(tracking_uri: str) -> str:
@@ -91,6 +94,8 @@ def render(record: RunRecord) -> str:
         version_link = f"[{name} v{version}]({mlflow_version_url(record.tracking_uri, name, version)})"
         if reg.get("promoted"):
             verdict = "**promoted to `champion`**"
+        elif reg.get("champion_version") == version:
+            verdict = "**already `champion`**"
         else:
             champion = reg.get("champion_version")
             verdict = f"**not promoted** (champion stays v{champion})" if champion else "**not promoted**"
@@ -114,13 +119,16 @@ def render(record: RunRecord) -> str:
     lines.append(f"- Prefect flow run: `{record.flow_run_id}`")
     if record.overrides:
         lines.append("- Overrides: " + ", ".join(f"`{k}={v}`" for k, v in record.overrides.items()))
+    if record.reused_stages:
+        source = "the commit's dvc.lock" if record.reused_from == "dvc.lock" else f"DVC experiment `{record.reused_from}`"
+        lines.append(f"- Reused from {source} (same data, code and params): {', '.join(record.reused_stages)}")
     lines.append("")
 
     if record.stages:
         lines += ["## Stages", "", "| stage | result | seconds |", "|---|---|---:|"]
         lines += [f"| {s.stage} | {s.status} | {s.duration_s:.1f} |" for s in record.stages]
         if any(s.status != "ran" for s in record.stages):
-            lines += ["", "Stages that did not run were up to date or restored from DVC's run cache: "
-                      "their outputs (and MLflow run) are those of the earlier run with the same inputs."]
+            lines += ["", "Stages that did not run were up to date (outputs reused, see Lineage) or restored from "
+                      "DVC's run cache: their outputs (and MLflow run) are those of the earlier run with the same inputs."]
         lines.append("")
     return "\n".join(lines)

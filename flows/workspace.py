@@ -10,6 +10,7 @@ saved as a DVC experiment in the shared git refs, so `dvc exp show` in the proje
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ MAX_COMMITTED_OUTPUT_BYTES = 5 * 2**20  # metrics and reports go into git with t
 CHECKPOINTS = "checkpoints"  # the train stage's resumable state, outside DVC's outputs
 GIT_TIMEOUT_S = 120
 DVC_TIMEOUT_S = 600  # checkout of the raw data from the cache, or `dvc exp save`
+REUSE_CANDIDATES = 5  # the newest saved experiments a run looks at for outputs it can reuse
+OWN_LOCK = "dvc.lock"  # the candidate that is the checkout's own dvc.lock
 
 
 class WorkspaceError(RuntimeError):
@@ -49,6 +52,10 @@ class Workspace:
     """The name it is saved under with `dvc exp save`."""
     uncommitted_data: tuple[str, ...] = ()
     """`.dvc` files the commit lacks, taken from the project's working tree."""
+    reused_from: str | None = None
+    """The saved experiment (or "dvc.lock", the commit's own) whose outputs this run reuses."""
+    reused_stages: tuple[str, ...] = ()
+    """The stages whose outputs came from there: DVC found them up to date."""
 
 
 def project_root() -> Path:
@@ -196,24 +203,116 @@ def write_params(ws: Workspace, overrides: dict[str, Any]) -> None:
     load_config(params)
 
 
-def small_uncached_outputs(ws: Workspace) -> list[str]:
-    """Outputs dvc.yaml marks `cache: false` that are small files (metrics, plots, reports).
-
-    DVC's cache does not hold them and .gitignore may hide them from git; committing them with the
-    experiment is what lets `dvc exp show` list its metrics and `dvc exp apply` bring them back.
-    """
+def uncached_outputs(ws: Workspace) -> list[str]:
+    """Outputs dvc.yaml marks `cache: false` (metrics, plots, reports, the merged model)."""
     stages = (yaml.safe_load((ws.path / "dvc.yaml").read_text()) or {}).get("stages", {})
     found = []
     for stage in stages.values():
         for kind in ("outs", "metrics", "plots"):
             for entry in stage.get(kind) or []:
-                if not isinstance(entry, dict):
-                    continue
-                (rel, options), = entry.items()
-                path = ws.path / rel
-                if (options or {}).get("cache") is False and path.is_file() and path.stat().st_size <= MAX_COMMITTED_OUTPUT_BYTES:
-                    found.append(rel)
+                if isinstance(entry, dict):
+                    (rel, options), = entry.items()
+                    if (options or {}).get("cache") is False:
+                        found.append(rel)
     return found
+
+
+def small_uncached_outputs(ws: Workspace) -> list[str]:
+    """Uncached outputs that are small files (metrics, plots, reports).
+
+    DVC's cache does not hold them and .gitignore may hide them from git; committing them with the
+    experiment is what lets `dvc exp show` list its metrics, `dvc exp apply` bring them back, and a
+    later flow run reuse them (reuse_earlier_outputs).
+    """
+    return [
+        rel for rel in uncached_outputs(ws)
+        if (path := ws.path / rel).is_file() and path.stat().st_size <= MAX_COMMITTED_OUTPUT_BYTES
+    ]
+
+
+def reuse_earlier_outputs(ws: Workspace, candidates: int = REUSE_CANDIDATES) -> Workspace:
+    """Bring back the outputs of the stages an earlier run already ran with this run's inputs.
+
+    The outputs are `persist: true`, which turns DVC's run cache off, so a fresh worktree cannot
+    restore them by itself. Candidates, in turn: the commit's own dvc.lock, then the newest saved
+    experiments (each one's dvc.lock and the small outputs committed with it). Each is written
+    here, its cached outputs checked out from the shared cache, and `dvc status` says how many
+    leading stages are then up to date: DVC compares every dependency, parameter and output with
+    the lock as usual, so nothing stale is kept. The candidate that makes the most leading stages
+    up to date stays, and `dvc repro` skips those stages. Returns the workspace with reused_from
+    (an experiment's name, or "dvc.lock") and reused_stages set; where nothing is reusable, as it
+    was, with the checkout's own dvc.lock back in place.
+    """
+    lock = ws.path / "dvc.lock"
+    own = lock.read_text() if lock.is_file() else None
+    order = list((yaml.safe_load((ws.path / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    refs = git(ws.project, "for-each-ref", "--sort=-creatordate", f"--count={candidates}", "--format=%(objectname) %(refname)", "refs/exps")
+    names = {OWN_LOCK: OWN_LOCK} | {sha: ref.rsplit("/", 1)[-1] for sha, ref in (line.split() for line in refs.splitlines())}
+    best: tuple[int, str] | None = None
+    last = None
+    for source in ([OWN_LOCK] if own is not None else []) + [line.split()[0] for line in refs.splitlines()]:
+        last = source
+        leading = _try_lock(ws, source, own, order)
+        if leading and (best is None or leading > best[0]):
+            best = (leading, source)
+        if best and best[0] >= len(order) - 1:  # the last stage (register) always runs
+            break
+    if best is None:
+        if own is not None:
+            lock.write_text(own)
+        else:
+            lock.unlink(missing_ok=True)
+        return ws
+    if last != best[1]:
+        _try_lock(ws, best[1], own, order)
+    return replace(ws, reused_from=names[best[1]], reused_stages=tuple(order[: best[0]]))
+
+
+def _try_lock(ws: Workspace, source: str, own: str | None, order: list[str]) -> int:
+    """Put the candidate's dvc.lock and outputs here; returns how many leading stages are up to date."""
+    try:
+        if source == OWN_LOCK:
+            text = own or ""
+        else:
+            text = git(ws.project, "show", f"{source}:dvc.lock") + "\n"
+            committed = set(git(ws.project, "ls-tree", "-r", "--name-only", source).splitlines())
+            for rel in uncached_outputs(ws):
+                if rel in committed:
+                    (ws.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (ws.path / rel).write_bytes(_blob(ws.project, source, rel))
+        (ws.path / "dvc.lock").write_text(text)
+        # outputs are only checked out where the first stage's inputs match (checkouts copy data)
+        if _leading(json.loads(dvc(ws.path, "status", "--json") or "{}"), order, missing_outs_ok=True) == 0:
+            return 0
+        dvc(ws.path, "checkout", "--quiet", "--allow-missing")
+        return _leading(json.loads(dvc(ws.path, "status", "--json") or "{}"), order)
+    except (WorkspaceError, ValueError):  # no dvc.lock there, or DVC could not read it: not reusable
+        return 0
+
+
+def _leading(changed: dict[str, Any], order: list[str], missing_outs_ok: bool = False) -> int:
+    """How many stages, in pipeline order, `dvc status --json` finds up to date (with
+    missing_outs_ok: up to date but for outputs not there yet)."""
+    leading = 0
+    for stage in order:
+        if stage in changed and not (missing_outs_ok and _only_missing_outputs(changed[stage])):
+            break
+        leading += 1
+    return leading
+
+
+def _only_missing_outputs(changes: Any) -> bool:
+    return isinstance(changes, list) and all(
+        isinstance(c, dict) and set(c) == {"changed outs"} and set(c["changed outs"].values()) <= {"deleted", "not in cache"}
+        for c in changes
+    )
+
+
+def _blob(project: Path, sha: str, rel: str) -> bytes:
+    out = subprocess.run(["git", "show", f"{sha}:{rel}"], cwd=project, capture_output=True, timeout=GIT_TIMEOUT_S)
+    if out.returncode != 0:
+        raise WorkspaceError(f"`git show {sha[:10]}:{rel}` failed: {out.stderr.decode(errors='replace').strip()}")
+    return out.stdout
 
 
 def save_experiment(ws: Workspace) -> str:

@@ -2,7 +2,8 @@
 
 Each run trains the built-in tiny model for a few steps in a copy of the repo, tracking to the
 project's default local MLflow store. Each run gets its own train.seed, so it trains (and
-registers) a model of its own even where DVC could restore a stage it has seen from its run cache.
+registers) a model of its own, while its prepare stage reuses an earlier run's outputs; one rerun
+with the first run's params reuses everything but register.
 """
 
 from __future__ import annotations
@@ -103,6 +104,24 @@ def test_run_leaves_the_project_checkout_alone(prefect_env, first_run):
     assert len(git(prefect_env, "worktree", "list").splitlines()) == 1
 
 
+def test_a_rerun_with_the_same_inputs_reuses_the_outputs_and_registers_nothing_new(prefect_env, first_run):
+    first, _ = first_run
+    assert first.state.is_completed()
+    before = versions(prefect_env)
+    flow_run = wait_final(trigger("gpu").id)  # the first run's (default) params, data and code
+    assert flow_run.state.is_completed(), flow_run.state.message
+    [artifact] = artifacts(flow_run.id)
+    text = artifact.data
+    assert f"Reused from DVC experiment `{first.name}-{str(first.id)[:8]}`" in text
+    assert "prepare, train, evaluate" in text
+    for stage in ("prepare", "train", "evaluate"):
+        assert f"| {stage} | up to date |" in text, text
+    assert "| register | ran |" in text
+    assert "Running stage 'train'" not in flow_logs(flow_run.id)
+    assert versions(prefect_env) == before  # register found the version of that training run
+    assert "already `champion`" in text
+
+
 def test_broken_parameter_fails_with_the_validation_message(prefect_env):
     """Triggered with the documented CLI command."""
     out = subprocess.run(
@@ -166,7 +185,9 @@ def test_local_run_on_the_temporary_server_is_quiet_and_tracked(prefect_env, fir
     )
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout)
-    assert result["stages"] == {"prepare": "ran", "train": "ran", "evaluate": "ran", "register": "ran"}
+    # prepare's inputs are those of the earlier runs: its outputs are reused
+    assert result["stages"] == {"prepare": "up to date", "train": "ran", "evaluate": "ran", "register": "ran"}
+    assert result["reused_from"] is not None
     assert versions(prefect_env) - before == {str(result["register"]["version"])}
     run = mlflow_run(prefect_env.tracking_uri, result["mlflow_run_id"])
     assert run.data.tags["dvc.experiment"] == result["dvc_experiment"]

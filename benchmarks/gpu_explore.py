@@ -37,6 +37,20 @@ def matmul_tflops() -> float:
     return round(10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12, 1)
 
 
+def timeit(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Milliseconds per call of fn on the GPU (synchronised around the timed calls)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t) / reps * 1e3, 4)
+
+
 def attention_bench(shape: str) -> dict:
     """Forward+backward time of the attention kernels alone, per layer, at batch x 2048."""
     import torch
@@ -47,16 +61,6 @@ def attention_bench(shape: str) -> dict:
     s = bench.SHAPES[shape]
     b, n, h, kvh, d = bench.BATCH[shape], 2048, s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
     out = {}
-
-    def timeit(fn, reps=10):
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return round((time.perf_counter() - t) / reps * 1e3, 3)
 
     q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(b, kvh, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -166,21 +170,12 @@ def check_packed_dropout() -> dict:
     g2 = torch.autograd.grad(torch.utils.checkpoint.checkpoint(f, xi, use_reentrant=False), (xi, a, b), grad)
     out["checkpoint_grads_equal"] = all(torch.equal(u, v) for u, v in zip(g1, g2))
 
-    def timeit(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return round((time.perf_counter() - t) / reps * 1e3, 4)
-
     native_mask = torch.rand_like(x, dtype=torch.float32) > p
     out["ms_8192x4096"] = {
-        "torch_dropout_forward": timeit(lambda: torch.native_dropout(x, p, True)),
-        "bits_dropout_forward": timeit(lambda: pd.dropout_forward(x, p)),
-        "torch_mask_and_add": timeit(lambda: acc.add_(torch.ops.aten.native_dropout_backward(g, native_mask, 1 / (1 - p)))),
-        "bits_mask_and_add": timeit(lambda: pd.dropout_backward(g, bits, p, out=acc)),
+        "torch_dropout_forward": timeit(lambda: torch.native_dropout(x, p, True), reps=20),
+        "bits_dropout_forward": timeit(lambda: pd.dropout_forward(x, p), reps=20),
+        "torch_mask_and_add": timeit(lambda: acc.add_(torch.ops.aten.native_dropout_backward(g, native_mask, 1 / (1 - p))), reps=20),
+        "bits_mask_and_add": timeit(lambda: pd.dropout_backward(g, bits, p, out=acc), reps=20),
     }
     return out
 

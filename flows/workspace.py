@@ -247,10 +247,11 @@ def reuse_earlier_outputs(ws: Workspace, candidates: int = REUSE_CANDIDATES) -> 
     own = lock.read_text() if lock.is_file() else None
     order = list((yaml.safe_load((ws.path / "dvc.yaml").read_text()) or {}).get("stages", {}))
     refs = git(ws.project, "for-each-ref", "--sort=-creatordate", f"--count={candidates}", "--format=%(objectname) %(refname)", "refs/exps")
-    names = {OWN_LOCK: OWN_LOCK} | {sha: ref.rsplit("/", 1)[-1] for sha, ref in (line.split() for line in refs.splitlines())}
+    names = {OWN_LOCK: OWN_LOCK} if own is not None else {}
+    names.update((sha, ref.rsplit("/", 1)[-1]) for sha, ref in (line.split() for line in refs.splitlines()))
     best: tuple[int, str] | None = None
     last = None
-    for source in ([OWN_LOCK] if own is not None else []) + [line.split()[0] for line in refs.splitlines()]:
+    for source in names:
         last = source
         leading = _try_lock(ws, source, own, order)
         if leading and (best is None or leading > best[0]):

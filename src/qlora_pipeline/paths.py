@@ -5,8 +5,11 @@ dvc.yaml lists the same paths; keep the two in step.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+CACHE_ENV = "QLORA_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,10 @@ class ProjectPaths:
 
     @property
     def cache(self) -> Path:
-        """Built-in models and other rebuildable files."""
-        return self.root / ".cache" / "qlora"
+        """Built-in models, GGUF files converted to safetensors and other rebuildable files
+        (keyed by content, so several checkouts may share one through QLORA_CACHE_DIR)."""
+        shared = os.environ.get(CACHE_ENV)
+        return Path(shared).expanduser().resolve() if shared else self.root / ".cache" / "qlora"
 
     @property
     def metrics(self) -> Path:

@@ -103,11 +103,19 @@ def test_packed_and_padded_loss_agree(tok, model):
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
-def test_collator_refuses_pad_equal_to_eos_and_overlong_rows():
+def test_collator_pads_by_position_even_when_pad_is_eos_and_refuses_overlong_rows():
     t = build_tiny_tokenizer()
-    t.pad_token = t.eos_token
+    t.pad_token = None
     with pytest.raises(DataError, match="ensure_pad_token"):
         make_collator(t, packing=False, max_seq_len=64)
+    t.pad_token = t.eos_token  # EOS as filler: a learned EOS stays a label, pads never are
+    eos = t.eos_token_id
+    batch = make_collator(t, packing=False, max_seq_len=64)([
+        {"input_ids": [5, 6, eos], "labels": [-100, 6, eos]},
+        {"input_ids": [5, eos], "labels": [-100, eos]},
+    ])
+    assert batch["labels"].tolist() == [[-100, 6, eos], [-100, eos, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     t = build_tiny_tokenizer()
     rows = samples(t)
     for packing in (False, True):

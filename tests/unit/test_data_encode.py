@@ -260,24 +260,32 @@ def test_column_mapping(tmp_path, tok):
     assert mapped["reference"] == "Hello"
 
 
-def test_ensure_pad_token():
+def test_ensure_pad_token_reuses_the_vocabulary_and_never_grows_it():
     t = build_tiny_tokenizer()
     t.pad_token = t.eos_token
-    with pytest.raises(DataError, match="ensure_pad_token"):
-        check_pad_token(t)
-    assert ensure_pad_token(t) is False  # `<pad>` is already in the vocabulary
-    assert t.pad_token == "<pad>" and t.pad_token_id != t.eos_token_id
-    assert ensure_pad_token(t) is False  # already fine: nothing changes
+    size = len(t)
+    assert ensure_pad_token(t) == "<pad>"  # `<pad>` is already in the vocabulary
+    assert t.pad_token_id != t.eos_token_id and len(t) == size
+    assert ensure_pad_token(t) == "<pad>"  # already fine: nothing changes
 
-    bpe = Tokenizer(models.WordLevel({"a": 0, "b": 1, "</s>": 2}, unk_token="a"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     from transformers import PreTrainedTokenizerFast
 
-    bare = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    # The layout of SmolLM2 / ChatML models: pad = EOS = end of turn, an unknown token to spare.
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3, "b": 4}
+    word = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    chatml = PreTrainedTokenizerFast(
+        tokenizer_object=word, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+    )
+    chatml.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    assert ensure_pad_token(chatml) == "<|endoftext|>" and chatml.pad_token_id == 0 and len(chatml) == 5
+
+    # Nothing to spare: EOS pads, by position only, and the vocabulary still does not grow.
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a")), eos_token="</s>")
+    bare._tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     assert bare.pad_token is None
-    size = len(bare)
-    assert ensure_pad_token(bare) is True  # a new token: the model's embeddings must grow
-    assert len(bare) == size + 1 and bare.pad_token == "<pad>" and check_pad_token(bare) == size
+    assert ensure_pad_token(bare) == "</s>" and len(bare) == 2 and check_pad_token(bare) == 1
 
 
 def test_template_offered_in_docs_renders_like_the_tiny_one(tok):

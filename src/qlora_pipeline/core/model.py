@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from qlora_pipeline.config import LoraConfig, ModelConfig, QuantizationConfig
+from qlora_pipeline.core.gguf import ensure_converted, is_gguf
 from qlora_pipeline.core.tiny import ensure_tiny_model
 from qlora_pipeline.errors import ConfigError, ModelError
 
@@ -34,6 +35,7 @@ class ResolvedModel:
     name: str
     path: str  # a local directory, or the hub id itself
     revision: str
+    """Hub commit or branch; `sha256:<hex>` of the file for a GGUF; `local` for a folder."""
     is_local: bool
 
 
@@ -59,7 +61,7 @@ def _looks_local(name: str, root: Path) -> bool:
 
 def resolve_model(cfg: ModelConfig, cache_dir: str | Path, root: str | Path = ".") -> ResolvedModel:
     """Turn model.name into a loadable path (relative ones from the project root); builds the
-    tiny model on first use."""
+    tiny model, or converts a `.gguf` file to a safetensors folder, on first use."""
     if cfg.trust_remote_code:
         warnings.warn(
             f"model.trust_remote_code is true: Python code shipped with {cfg.name} will run on this machine",
@@ -69,6 +71,9 @@ def resolve_model(cfg: ModelConfig, cache_dir: str | Path, root: str | Path = ".
         path = ensure_tiny_model(Path(cache_dir) / "builtin")
         return ResolvedModel(cfg.name, str(path), "builtin-v1", True)
     root = Path(root)
+    if is_gguf(cfg.name):
+        path, sha = ensure_converted(root / Path(cfg.name).expanduser(), cache_dir)
+        return ResolvedModel(cfg.name, str(path), f"sha256:{sha}", True)
     if _looks_local(cfg.name, root):
         path = root / Path(cfg.name).expanduser()
         if not path.is_dir():
@@ -148,8 +153,13 @@ def load_base_model(
         if resolved.is_local:
             raise ModelError(f"model.name: cannot load weights from {resolved.path}: {exc}") from None
         raise _hub_error(resolved, exc) from None
-    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(vocab_size)
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and vocab_size > rows:
+        # The vocabulary never grows (no pad token is ever added), so this is a mismatched tokenizer.
+        raise ModelError(
+            f"model.name: the tokenizer has {vocab_size} tokens but {resolved.name} has only {rows} embedding rows; "
+            "the tokenizer and the weights must come from the same model"
+        )
     return model
 
 

@@ -14,10 +14,28 @@ from qlora_pipeline.errors import QloraError
 from qlora_pipeline.stages.common import StageContext
 
 METRICS = ("eval_loss", "perplexity", "exact_match", "chrf")
+SHOWN_SAMPLES = 3
 
 
 def _load(path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _samples(path, count: int) -> list[dict]:
+    """The first `count` eval rows with a reference, from reports/samples.jsonl."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("reference")][:count]
+
+
+def samples_table(rows: list[dict]) -> Table:
+    table = Table(title="Held-out examples: base vs tuned (greedy)", show_lines=True)
+    for column in ("prompt", "reference", "base", "tuned"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["prompt"], row["reference"], row["base"], row["tuned"])
+    return table
 
 
 def run(ctx: StageContext, console: Console | None = None) -> dict:
@@ -33,6 +51,9 @@ def run(ctx: StageContext, console: Console | None = None) -> dict:
         if key in evaluation:
             table.add_row(key, f"{evaluation['base_' + key]:.4f}", f"{evaluation[key]:.4f}")
     console.print(table)
+    shown = _samples(ctx.paths.reports / "samples.jsonl", SHOWN_SAMPLES)
+    if shown:
+        console.print(samples_table(shown))
     if train:
         console.print(
             f"train: {train['global_step']} steps, loss {train['train_loss']:.4f}, "

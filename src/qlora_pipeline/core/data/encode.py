@@ -14,6 +14,7 @@ Rules (docs/data-formats.md has the long form):
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -21,7 +22,9 @@ from qlora_pipeline.core.data.records import Example
 from qlora_pipeline.errors import DataError
 
 IGNORE_INDEX = -100
-PAD_TOKEN = "<pad>"
+# Pad tokens that models ship for exactly this use (Llama 3 reserves <|finetune_right_pad_id|>).
+PAD_LIKE = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|padding|>")
+log = logging.getLogger(__name__)
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
@@ -38,33 +41,46 @@ class Encoded:
     reference: str  # the expected completion ("" for plain text)
 
 
-def ensure_pad_token(tokenizer) -> bool:
-    """Give the tokenizer a pad token distinct from EOS; True if a new token was added.
+def _pad_candidates(tokenizer) -> list[str]:
+    """Tokens already in the vocabulary that may pad, best first; none is EOS, BOS or template text."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = template if isinstance(template, str) else " ".join(template.values())
+    taken = {tokenizer.eos_token, tokenizer.bos_token}
+    specials = [t for t in tokenizer.all_special_tokens if t not in taken and t not in template]
+    named = [t for t in PAD_LIKE if t in tokenizer.get_vocab() and t not in taken and t not in template]
+    unk = [tokenizer.unk_token] if tokenizer.unk_token in specials else []
+    return list(dict.fromkeys([*named, *unk, *specials]))
 
-    When it returns True the model's input embeddings must be resized to len(tokenizer).
-    An existing `<pad>` in the vocabulary is reused, so nothing grows.
+
+def ensure_pad_token(tokenizer) -> str:
+    """Give the tokenizer a pad token from its own vocabulary, never EOS when anything else exists.
+
+    Never adds a token, so the model's vocabulary, embeddings and config stay the base's (an added
+    `<pad>` would make the adapter carry whole embedding matrices). Order: the tokenizer's own pad
+    if it is not EOS; a pad-like token already in the vocabulary (PAD_LIKE); the unknown token; any
+    other special token that is not EOS or BOS and does not appear in the chat template; else EOS
+    itself as filler. Padding is by position (collators set attention 0 and label -100 on pad
+    positions, never by id), so even EOS as filler never hides a learned EOS. Returns the pad token.
     """
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return False
-    before = len(tokenizer)
-    if tokenizer.convert_tokens_to_ids(PAD_TOKEN) not in (None, tokenizer.unk_token_id):
-        tokenizer.pad_token = PAD_TOKEN
+        return tokenizer.pad_token
+    candidates = _pad_candidates(tokenizer)
+    if candidates:
+        tokenizer.pad_token = candidates[0]
     else:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    return len(tokenizer) > before
+        log.info("the tokenizer has no spare special token: padding with EOS, masked by position")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token
 
 
 def check_pad_token(tokenizer) -> int:
-    """The pad id, or a DataError if there is none or it equals EOS."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if pad is None or pad == eos:
-        problem = "has no pad token" if pad is None else f"pads with EOS (id {eos})"
+    """The pad id, or a DataError if there is none."""
+    if tokenizer.pad_token_id is None:
         raise DataError(
-            f"the tokenizer {problem}; EOS must stay a learned token. Call "
-            "qlora_pipeline.core.data.ensure_pad_token(tokenizer) before building the collator and, "
-            "if it returns True, resize the model's embeddings to len(tokenizer)"
+            "the tokenizer has no pad token. Call qlora_pipeline.core.data.ensure_pad_token(tokenizer) "
+            "before building the collator (it picks one from the vocabulary; nothing is added)"
         )
-    return pad
+    return tokenizer.pad_token_id
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

@@ -18,8 +18,9 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow import MlflowClient
+from mlflow.models import set_signature
 
-from qlora_pipeline import tracking
+from qlora_pipeline import serving, tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.config import RegisterConfig
 from qlora_pipeline.core.data import make_collator
@@ -112,12 +113,20 @@ def register_version(ctx: StageContext, client, run_id: str, merged, tokenizer, 
         f"eval.{reg.metric}": f"{eval_metrics[reg.metric]:.6g}",
         f"eval.base_{reg.metric}": f"{eval_metrics['base_' + reg.metric]:.6g}",
     }
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": merged, "tokenizer": tokenizer},
-        name="model",
-        task="text-generation",
-        torch_dtype=getattr(torch, reg.merge_dtype),
-        pip_requirements=serving_requirements(),
+    # Logged as a chat endpoint: the template training used, greedy unless a request sets do_sample
+    # (serving.py's docstring says why MLflow needs the generation_config and the signature param).
+    chat_tok = serving.chat_tokenizer(tokenizer, cfg.data.chat_template)
+    with serving.greedy_by_default(merged):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": merged, "tokenizer": chat_tok},
+            name="model",
+            task=serving.CHAT_TASK,
+            torch_dtype=getattr(torch, reg.merge_dtype),
+            model_config=serving.chat_model_config(chat_tok),
+            pip_requirements=serving_requirements(),
+        )
+    tracking.retry(
+        lambda: set_signature(info.model_uri, serving.chat_signature(info.signature)), "setting the chat signature"
     )
     return tracking.retry(
         lambda: mlflow.register_model(info.model_uri, reg.model_name, tags=tags), "registering the model version"

@@ -2,7 +2,7 @@
 
 The same functions the stages call: prepare_data on the demo data, a 4-bit NF4 base loaded by
 load_base_model, apply_lora, train_adapter (the transformers Trainer with the fast path on a GPU),
-eval_loss of base vs tuned, greedy generations, merge_into_dequantized + compare_logits with the
+eval_loss of base vs tuned, greedy generations, merge_adapter (the merge checked in float32) with the
 default register.merge_tolerance. Random-init models of the OPT-125m (the default hub model) and
 Llama-3.2-1B shapes, the built-in tokenizer, so nothing is downloaded.
 
@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, set_seed
 
 from qlora_pipeline.config import validate_params
 from qlora_pipeline.core.data import ensure_pad_token, make_collator, prepare_data
 from qlora_pipeline.core.evaluate import eval_loss, generate
-from qlora_pipeline.core.merge import compare_logits, merge_into_dequantized, worst_of
+from qlora_pipeline.core.merge import merge_adapter
 from qlora_pipeline.core.model import apply_lora, load_base_model, load_tokenizer, resolve_compute_dtype, resolve_model
 from qlora_pipeline.core.tiny import build_tiny_tokenizer
 from qlora_pipeline.core.train import train_adapter
@@ -88,13 +87,10 @@ def check_shape(name: str, work: Path, steps: int) -> dict:
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     del model
 
-    adapter_model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quantization, resolved), str(adapter_dir))
-    merged = merge_into_dequantized(load_base_model(cfg.model, cfg.quantization, resolved), str(adapter_dir), getattr(torch, cfg.register.merge_dtype))
-    merged.to(next(adapter_model.parameters()).device)
-    worst = worst_of([
-        compare_logits(adapter_model, merged, torch.tensor([row["input_ids"]]), cfg.register.merge_tolerance)
-        for row in prepared.eval.select(range(4))
-    ])
+    _, worst = merge_adapter(
+        load_base_model(cfg.model, cfg.quantization, resolved), str(adapter_dir), getattr(torch, cfg.register.merge_dtype),
+        [torch.tensor([row["input_ids"]]) for row in prepared.eval.select(range(4))], cfg.register.merge_tolerance,
+    )
     losses = [r["loss"] for r in result.history]
     return {
         "shape": name,

@@ -25,11 +25,11 @@ from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.config import RegisterConfig
 from qlora_pipeline.core.data import make_collator
 from qlora_pipeline.core.evaluate import score_model
-from qlora_pipeline.core.merge import check_merge, compare_logits, merge_into_dequantized, worst_of
+from qlora_pipeline.core.merge import check_saved, merge_adapter
 from qlora_pipeline.core.model import base_model_revision, load_base_model
 from qlora_pipeline.errors import RegistryError, TransientError
 from qlora_pipeline.stages.common import StageContext, base_tokenizer
-from qlora_pipeline.stages.evaluate import eval_split, load_tuned_model, sample_rows
+from qlora_pipeline.stages.evaluate import eval_split, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +44,20 @@ def beats(candidate: float, reference: float, cfg: RegisterConfig) -> bool:
 
 
 def merge_and_check(ctx: StageContext, resolved, tokenizer, eval_ds):
-    """Merge into a dequantized copy, compare logits with the adapter model, save as safetensors."""
+    """Merge into a dequantized copy, check it against the adapter model, save it, check the files."""
     cfg = ctx.cfg
-    adapter_model = load_tuned_model(ctx, resolved, tokenizer)
     quantized = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
     revision = base_model_revision(quantized, resolved)
-    merged = merge_into_dequantized(quantized, str(ctx.paths.adapter), getattr(torch, cfg.register.merge_dtype))
     rows = eval_ds.select(range(min(MERGE_CHECK_ROWS, len(eval_ds))))
-    worst = worst_of([
-        compare_logits(adapter_model, merged, torch.tensor([row["input_ids"][: cfg.data.max_seq_len]]), cfg.register.merge_tolerance)
-        for row in rows
-    ])
-    check_merge(worst)
-    del adapter_model
+    inputs = [torch.tensor([row["input_ids"][: cfg.data.max_seq_len]]) for row in rows]
+    merged, check = merge_adapter(
+        quantized, str(ctx.paths.adapter), getattr(torch, cfg.register.merge_dtype), inputs, cfg.register.merge_tolerance
+    )
     with atomic_dir(ctx.paths.merged) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return merged, worst, revision
+        check_saved(tmp, merged)
+    return merged, check, revision
 
 
 def serving_requirements() -> list[str]:

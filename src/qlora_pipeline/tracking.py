@@ -115,7 +115,7 @@ def dvc_data_hash(root: Path, stage: str = "prepare", dep: str = "data/raw") -> 
 def lineage_tags(paths: ProjectPaths, cfg: PipelineConfig, base_revision: str) -> dict[str, str]:
     return {
         "git_commit": git_commit(paths.root),
-        "dvc_data_hash": dvc_data_hash(paths.root),
+        "dvc_data_hash": dvc_data_hash(paths.root, dep=cfg.data.raw_path),
         "base_model": cfg.model.name,
         "base_model_revision": base_revision,
         **extra_tags(),

@@ -1,6 +1,7 @@
 """Raw rows -> validated examples of one of four kinds: text, alpaca, prompt/completion, chat.
 
-`format: auto` decides per record from its keys (after `data.columns` renames them):
+`format: auto` decides per record from its keys (after `data.columns` renames them; the mapping
+is either one for every file or one per path glob, see `ColumnMaps`):
 messages -> chat, conversations -> sharegpt (normalised to chat), instruction/input/output ->
 alpaca, prompt/completion -> prompt/completion, text -> text. A row that fails a check becomes a
 `BadRow` with a reason code (see REASONS) and a message saying what is wrong.
@@ -9,12 +10,16 @@ alpaca, prompt/completion -> prompt/completion, text -> text. A row that fails a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from qlora_pipeline.core.data.sources import BadRow, Row
+from qlora_pipeline.config import MESSAGE_FIELDS, columns_per_file
+from qlora_pipeline.core.data.sources import BadRow, Row, glob_to_regex
+
+log = logging.getLogger(__name__)
 
 # Reason codes for rows that are skipped as broken (they count toward data.max_bad_fraction).
 REASONS = (
@@ -32,7 +37,6 @@ REASONS = (
 DROP_REASONS = ("duplicate", "too_long", "no_trainable_tokens")
 
 CHAT_ROLES = ("system", "user", "assistant")
-MESSAGE_FIELDS = ("role", "content", "from", "value")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -81,12 +85,64 @@ def rename_columns(fields: dict[str, Any], columns: dict[str, str]) -> dict[str,
     return {theirs_to_ours.get(k, k): v for k, v in fields.items() if k in theirs_to_ours or k not in top}
 
 
+class ColumnMaps:
+    """Which data.columns mapping applies to each file: the flat form to all of them; in the
+    per-file form the first glob matching the end of the file's path (none: the names as they are)."""
+
+    def __init__(self, columns: dict[str, Any]):
+        self.per_file = columns_per_file(columns)
+        self.columns = columns
+        self._patterns = [(p, glob_to_regex(p), m) for p, m in columns.items()] if self.per_file else []
+        self._cache: dict[str, tuple[str | None, dict[str, str]]] = {}
+
+    def for_file(self, file: str) -> tuple[str | None, dict[str, str]]:
+        """(the matching glob or None, the mapping) for a file as reports show it."""
+        if not self.per_file:
+            return None, self.columns
+        if file not in self._cache:
+            self._cache[file] = next(((p, m) for p, rx, m in self._patterns if rx.search(file)), (None, {}))
+        return self._cache[file]
+
+    @property
+    def globs(self) -> list[str]:
+        return [p for p, _, _ in self._patterns]
+
+    def unused_globs(self) -> list[str]:
+        """Globs that matched none of the files looked up so far."""
+        used = {p for p, _ in self._cache.values()}
+        return [p for p in self.globs if p not in used]
+
+
+def _mapping_note(fields: dict[str, Any], mapping: dict[str, str], pattern: str | None, maps: ColumnMaps) -> str:
+    """Why a row's columns did not fit after data.columns: what the mapping expected, what is there."""
+    where = f"data.columns[{pattern!r}]" if pattern else "data.columns"
+    top = {ours: theirs for ours, theirs in mapping.items() if ours not in MESSAGE_FIELDS and ours != theirs}
+    absent = {ours: theirs for ours, theirs in top.items() if theirs not in fields}
+    if absent:
+        pairs = ", ".join(f"{theirs!r} as {ours}" for ours, theirs in absent.items())
+        note = f". {where} reads {pairs}, but the row has no {', '.join(repr(t) for t in absent.values())} column"
+        hidden = [ours for ours in absent if ours in fields]
+        if hidden:
+            note += (
+                f"; its own {', '.join(repr(h) for h in hidden)} column is not read, because the mapping takes "
+                "that field from another column. Files that use the default names need no mapping: map only "
+                'the files that differ, per glob, e.g. data.columns: {"extra/*.jsonl": {instruction: question}}'
+            )
+        return note
+    if maps.per_file and pattern is None:
+        globs = ", ".join(repr(p) for p in maps.globs)
+        return f". No data.columns glob matches this file ({globs}), so its columns are read by their own names"
+    return ""
+
+
 def _message_keys(columns: dict[str, str], role: str, content: str) -> tuple[str, str]:
     return columns.get(role, role), columns.get(content, content)
 
 
-def detect_format(fields: dict[str, Any], wanted: str) -> str:
-    """Which format a record is, from its keys; raises _Bad when its keys fit none."""
+def detect_format(fields: dict[str, Any], wanted: str, found: dict[str, Any] | None = None) -> str:
+    """Which format a record is, from its keys; raises _Bad when its keys fit none.
+
+    `found` is the record as read, before data.columns renamed it, for the message."""
     keys = set(fields)
     if wanted != "auto":
         return wanted
@@ -98,11 +154,13 @@ def detect_format(fields: dict[str, Any], wanted: str) -> str:
         return "instruction"
     if "text" in keys:
         return "text"
+    shown = sorted(found if found is not None else fields)
+    renamed = f" ({sorted(keys)} after data.columns)" if found is not None and sorted(keys) != shown else ""
     raise _Bad(
         "wrong_columns",
-        f"fields {sorted(keys)} match no format; expected one of: text | instruction+output (+input) | "
-        "prompt+completion | messages | conversations. Map yours with data.columns, "
-        "e.g. {instruction: question, output: answer}",
+        f"the row's fields match no format: expected text | instruction+output (+input) | prompt+completion | "
+        f"messages | conversations, found {shown}{renamed}. Map yours with data.columns, "
+        'e.g. {instruction: question, output: answer}, or per file: {"extra/*.jsonl": {instruction: question}}',
     )
 
 
@@ -167,7 +225,7 @@ def check_role_order(turns: list[tuple[str, str]]) -> None:
 def to_example(row: Row, wanted: str, columns: dict[str, str]) -> Example:
     """Normalise and validate one row; raises _Bad."""
     fields = rename_columns(row.fields, columns)
-    fmt = "text" if row.from_txt else detect_format(fields, wanted)
+    fmt = "text" if row.from_txt else detect_format(fields, wanted, row.fields)
     if row.from_txt and wanted not in ("auto", "text"):
         raise _Bad("wrong_columns", f"a .txt file is plain text, but data.format is {wanted!r}; use format auto or text")
     if fmt == "text":
@@ -215,13 +273,17 @@ def special_token_pattern(tokenizer) -> re.Pattern[str] | None:
 
 
 def validate_rows(
-    rows: list[Row], wanted: str, columns: dict[str, str], special: re.Pattern[str] | None
+    rows: list[Row], wanted: str, columns: dict[str, Any], special: re.Pattern[str] | None
 ) -> tuple[list[Example], list[BadRow]]:
-    """Every row -> an Example or a BadRow naming its file:line and what is wrong."""
+    """Every row -> an Example or a BadRow naming its file:line and what is wrong.
+
+    `columns` is data.columns in either form: {ours: yours} for every file, or {glob: {ours: yours}}."""
+    maps = ColumnMaps(columns)
     examples, bad = [], []
     for row in rows:
+        pattern, mapping = maps.for_file(row.file or row.source.rpartition(":")[0])
         try:
-            example = to_example(row, wanted, columns)
+            example = to_example(row, wanted, mapping)
             if special is not None:
                 for value in example.strings():
                     hit = special.search(value)
@@ -232,7 +294,12 @@ def validate_rows(
                             "remove it from the data",
                         )
         except _Bad as exc:
-            bad.append(BadRow(row.source, exc.reason, exc.detail))
+            detail = exc.detail
+            if exc.reason in ("wrong_columns", "missing_field") and not row.from_txt:
+                detail += _mapping_note(row.fields, mapping, pattern, maps)
+            bad.append(BadRow(row.source, exc.reason, detail))
             continue
         examples.append(example)
+    for pattern in maps.unused_globs():
+        log.warning("data.columns glob %r matches none of the files with rows; check its spelling", pattern)
     return examples, bad

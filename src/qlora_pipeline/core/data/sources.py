@@ -2,24 +2,40 @@
 
 Problems that spoil one row (a broken JSON line, bytes that are not UTF-8) become `BadRow`s;
 problems that spoil a whole file (missing, empty, binary, unparseable) raise `DataError`.
+
+Text files may be compressed (`.jsonl.gz`, `.csv.zst`, ...): they are decompressed in memory and
+read like the plain file, rows still named `file:line`. Every text file goes through one decoding
+rule: a UTF-8 byte-order mark is dropped, a UTF-16/UTF-32 file with its byte-order mark is decoded.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import csv
-import glob
+import gzip
 import io
 import json
+import lzma
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_pipeline.config import glob_refusal
 from qlora_pipeline.errors import DataError
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 _TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv")
+# Compression suffixes a text file may carry (`a.jsonl.gz`); all read with the stdlib, zstd with
+# pyarrow (already needed for Parquet). Parquet compresses inside the file, so it takes none.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
 _BINARY_SNIFF_BYTES = 8192
+# Longest first: a UTF-32-LE mark starts with the UTF-16-LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
 # Bytes that are not UTF-8 survive decoding as lone surrogates (errors="surrogateescape"),
 # so a bad byte can be reported at its own line instead of failing the whole file.
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -32,6 +48,8 @@ class Row:
     source: str
     fields: dict[str, Any]
     from_txt: bool = False
+    file: str = ""
+    """The file as reports show it (`source` without the line), for per-file column mappings."""
 
 
 @dataclass
@@ -67,15 +85,29 @@ def _is_hidden(path: Path, base: Path) -> bool:
     return any(p.startswith(".") for p in parts)
 
 
+def file_kind(path: Path) -> tuple[str, str | None]:
+    """`a.jsonl.gz` -> (".jsonl", "gzip"); `a.csv` -> (".csv", None); unsupported -> ("", None)."""
+    suffixes = [x.lower() for x in path.suffixes]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    inner = suffixes[-2] if compression and len(suffixes) >= 2 else (suffixes[-1] if suffixes and not compression else "")
+    if inner not in SUPPORTED_EXTENSIONS or (compression and inner not in _TEXT_EXTENSIONS):
+        return "", None
+    return inner, compression
+
+
+def supported_names() -> str:
+    """The file names prepare reads, for messages and docs."""
+    text = "/".join(_TEXT_EXTENSIONS)
+    return f"{', '.join(SUPPORTED_EXTENSIONS)}; {text} may be compressed ({', '.join(COMPRESSIONS)})"
+
+
 def resolve_files(raw_path: str, root: Path) -> list[Path]:
-    """raw_path (a file, a folder searched recursively, or a glob) -> sorted list of data files."""
+    """raw_path (a file, or a folder searched recursively) -> sorted list of data files."""
+    refusal = glob_refusal(raw_path)
     target = root / raw_path
-    if any(ch in raw_path for ch in "*?["):
-        files = [Path(p) for p in glob.glob(str(target), recursive=True)]
-        files = sorted((p for p in files if p.is_file() and not _is_hidden(p, root)), key=lambda p: p.as_posix())
-        if not files:
-            raise DataError(_missing_message(raw_path, f"the glob {raw_path!r} matches no files"))
-    elif target.is_dir():
+    if refusal and not target.exists():
+        raise DataError(f"data.raw_path: {refusal}")
+    if target.is_dir():
         files = sorted(
             (p for p in target.rglob("*") if p.is_file() and not _is_hidden(p, target)),
             key=lambda p: p.relative_to(target).as_posix(),
@@ -86,16 +118,47 @@ def resolve_files(raw_path: str, root: Path) -> list[Path]:
         files = [target]
     else:
         raise DataError(_missing_message(raw_path, f"{raw_path} does not exist"))
-    unsupported = [p for p in files if p.suffix.lower() not in SUPPORTED_EXTENSIONS]
+    unsupported = [p for p in files if not file_kind(p)[0]]
     if unsupported:
         names = ", ".join(display_path(p, root) for p in unsupported[:5])
         more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
         raise DataError(
-            f"unsupported file type: {names}{more}; supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}. "
-            "Convert or remove those files, or point data.raw_path at the supported ones "
-            "(a glob works, e.g. data/raw/**/*.jsonl)"
+            f"unsupported file type: {names}{more}; supported extensions: {supported_names()}. "
+            "Convert or remove those files, or move them out of the data.raw_path folder"
         )
     return files
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """A path glob matched against the end of a posix path, whole folder names only.
+
+    `*` and `?` stay within one folder name, `**` spans folders, `[...]` is a character class;
+    `extra/*.jsonl` matches `data/raw/extra/a.jsonl`, a pattern starting with `/` the whole path.
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    start = "^" if pattern.startswith("/") else "(?:^|/)"
+    return re.compile(start + "".join(out) + "$")
 
 
 def _missing_message(raw_path: str, what: str) -> str:
@@ -109,21 +172,61 @@ def _missing_message(raw_path: str, what: str) -> str:
 def read_file(path: Path, root: Path, text_unit: str) -> FileRows:
     """Read one supported file into rows; file-level problems raise DataError."""
     shown = display_path(path, root)
-    suffix = path.suffix.lower()
+    suffix, compression = file_kind(path)
     data = path.read_bytes()
+    if compression:
+        data = _decompress(data, compression, shown)
+    if suffix in _TEXT_EXTENSIONS:
+        data = _to_utf8(data, shown)
     if not data.strip():
         raise DataError(f"{shown}: the file is empty; add rows to it or remove it from data.raw_path")
     if suffix in _TEXT_EXTENSIONS and b"\x00" in data[:_BINARY_SNIFF_BYTES]:
         raise DataError(
-            f"{shown}: looks like a binary file (NUL bytes), not {suffix} text; "
-            "save it as UTF-8 text or remove it from data.raw_path"
+            f"{shown}: looks like a binary file (NUL bytes), not {suffix} text; save it as UTF-8 text "
+            "(UTF-16 text without a byte-order mark reads as binary too) or remove it from data.raw_path"
         )
     out = FileRows(shown)
     reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     reader[suffix](data, shown, out, text_unit)
     if not out.rows and not out.bad:
         raise DataError(f"{shown}: no rows found; add rows to it or remove it from data.raw_path")
+    for row in out.rows:
+        row.file = shown
     return out
+
+
+def _decompress(data: bytes, compression: str, shown: str) -> bytes:
+    try:
+        if compression == "gzip":
+            return gzip.decompress(data)
+        if compression == "bzip2":
+            return bz2.decompress(data)
+        if compression == "xz":
+            return lzma.decompress(data)
+        import pyarrow as pa
+
+        return pa.input_stream(pa.BufferReader(data), compression="zstd").read()
+    except Exception as exc:  # each codec raises its own types (OSError, EOFError, LZMAError, ...)
+        raise DataError(
+            f"{shown}: not a readable {compression} file ({exc}); re-compress it or remove it from data.raw_path"
+        ) from None
+
+
+def _to_utf8(data: bytes, shown: str) -> bytes:
+    """One rule for every text format: drop a UTF-8 byte-order mark, decode UTF-16/32 that has one."""
+    if data.startswith(codecs.BOM_UTF8):
+        return data[len(codecs.BOM_UTF8):]
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding).encode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = data[: exc.start].decode(encoding, "replace").count("\n") + 1
+                raise DataError(
+                    f"{shown}:{line}: the file starts with a {encoding.upper()} byte-order mark but is not valid "
+                    f"{encoding.upper()} ({exc.reason}); re-save it as UTF-8"
+                ) from None
+    return data
 
 
 def _bad_byte_line(text: str, pos: int) -> int:
@@ -218,7 +321,7 @@ def _read_json(data: bytes, shown: str, out: FileRows, text_unit: str) -> None:
 
 
 def _read_csv(data: bytes, shown: str, out: FileRows, text_unit: str) -> None:
-    text = data.decode("utf-8-sig", "surrogateescape")
+    text = data.decode("utf-8", "surrogateescape")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)

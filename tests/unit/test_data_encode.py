@@ -25,7 +25,7 @@ GEN_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 BOS_TEMPLATE = "{{ bos_token }}" + TINY_CHAT_TEMPLATE
-# Turns closed by a newline only: EOS must be inserted after each reply.
+# Turns closed by a newline only: EOS is inserted after the last reply (test_templates.py has multi-turn).
 NO_EOS_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -157,7 +157,7 @@ def test_generation_markers_give_the_same_labels(tmp_path, tok):
     assert (row["input_ids"], row["labels"]) == expected_multi_turn(tok)
 
 
-def test_template_without_eos_gets_eos_after_each_reply(tmp_path, tok):
+def test_template_without_end_of_turn_token_gets_eos_after_the_last_reply(tmp_path, tok):
     row = encode(tmp_path, tok, {"messages": multi_turn()[1:3]}, chat_template=NO_EOS_TEMPLATE)
     p, c = ids(tok, "<|user|>\nHi\n<|assistant|>\n"), ids(tok, "Hello")
     nl = ids(tok, "\n")

@@ -15,7 +15,8 @@ import torch
 from sacrebleu.metrics import CHRF
 
 from qlora_pipeline.config import EvaluateConfig
-from qlora_pipeline.core.data import encode_prompt
+from qlora_pipeline.core.data import alpaca_prompt, encode_prompt
+from qlora_pipeline.core.data.encode import resolve_chat_template, stop_token_ids
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -48,20 +49,50 @@ def eval_loss(model, dataset, collator, batch_size: int) -> dict[str, float]:
 
 
 def chat_prompt(tokenizer, text: str) -> str:
-    """A free-form prompt as the model expects it: through its chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
+    """A free-form prompt as training rendered a user turn and serving renders it.
+
+    Through the tokenizer's chat template (the stages' tokenizers carry data.chat_template when it
+    is set, see stages.common.base_tokenizer); without one, the alpaca prompt that instruction
+    records were trained with, which is also the serving fallback (serving.fallback_chat_template).
+    """
+    template = resolve_chat_template(tokenizer, None)
+    if template:
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": text}], chat_template=template, add_generation_prompt=True, tokenize=False
         )
-    return text
+    return alpaca_prompt(text)
+
+
+def generation_stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a reply: EOS, the chat template's end-of-turn token, and any the model's
+    generation_config already stops on (Llama-3.1 Instruct lists several)."""
+    ids = stop_token_ids(tokenizer)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token_id in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+    return ids
+
+
+def set_stop_tokens(model, tokenizer) -> list[int]:
+    """Make the model's generation_config stop on the end-of-turn token as well as EOS.
+
+    Saved with the model (generation_config.json), so plain transformers and `mlflow models serve`
+    (the text-generation pipeline reads generation_config) stop where training ended replies.
+    Returns the ids set.
+    """
+    ids = generation_stop_ids(model, tokenizer)
+    model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    return ids
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions (prompt excluded), stopped at EOS."""
+    """Greedy completions (prompt excluded), stopped at EOS or the template's end-of-turn token."""
     model.eval()
     device = next(model.parameters()).device
     outputs: list[str] = []
+    stop_ids = generation_stop_ids(model, tokenizer)
     for chunk in _batches(prompts, batch_size):
         encoded = [encode_prompt(tokenizer, p) for p in chunk]
         width = max(len(e) for e in encoded)
@@ -77,7 +108,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids,
         )
         for row in generated[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())

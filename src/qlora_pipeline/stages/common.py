@@ -29,9 +29,16 @@ def context(params: str | Path = "params.yaml", overrides: list[str] | None = No
 
 
 def base_tokenizer(ctx: StageContext) -> tuple[ResolvedModel, Any]:
-    """The resolved base model and its tokenizer, with a pad token distinct from EOS."""
+    """The resolved base model and its tokenizer, with a pad token distinct from EOS.
+
+    When data.chat_template is set the tokenizer carries it, so every stage renders chats with the
+    template training used, and every tokenizer saved with an output (adapter, merged model,
+    registered model) holds it.
+    """
     resolved = resolve_model(ctx.cfg.model, ctx.paths.cache, ctx.paths.root)
     tokenizer = load_tokenizer(ctx.cfg.model, resolved)
+    if ctx.cfg.data.chat_template:  # before the pad token is picked: it must not be a token the template writes
+        tokenizer.chat_template = ctx.cfg.data.chat_template
     ensure_pad_token(tokenizer)
     return resolved, tokenizer
 

@@ -24,7 +24,7 @@ from qlora_pipeline import serving, tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.config import RegisterConfig
 from qlora_pipeline.core.data import make_collator
-from qlora_pipeline.core.evaluate import score_model
+from qlora_pipeline.core.evaluate import score_model, set_stop_tokens
 from qlora_pipeline.core.merge import check_saved, merge_adapter
 from qlora_pipeline.core.model import base_model_revision, load_base_model
 from qlora_pipeline.errors import RegistryError, TransientError
@@ -53,6 +53,7 @@ def merge_and_check(ctx: StageContext, resolved, tokenizer, eval_ds):
     merged, check = merge_adapter(
         quantized, str(ctx.paths.adapter), getattr(torch, cfg.register.merge_dtype), inputs, cfg.register.merge_tolerance
     )
+    set_stop_tokens(merged, tokenizer)  # generation (and the served model) stops at end of turn too
     with atomic_dir(ctx.paths.merged) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

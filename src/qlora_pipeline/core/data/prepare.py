@@ -107,11 +107,20 @@ def prepare_data(cfg: DataConfig, tokenizer, root: Path = Path(".")) -> Prepared
         "files": [display_path(p, root) for p in files],
         "max_seq_len": cfg.max_seq_len,
         "chat_template": "data.chat_template" if cfg.chat_template else ("tokenizer" if encoder.template else "none"),
+        # The token that closes every learned reply: the template's own, or EOS appended after the last reply.
+        "end_of_turn": encoder.end_of_turn or f"{tokenizer.eos_token} (appended)",
+        "rows_split_at_prompt": encoder.rows_split_at_prompt,
     }
     log.info(
         "prepared %d train / %d eval rows (%d train tokens) from %d rows in %d files; %d bad, %d dropped",
         stats["rows_train"], stats["rows_eval"], stats["tokens_train"], rows_read, len(files), len(bad), len(dropped),
     )
+    if encoder.rows_split_at_prompt:
+        log.info(
+            "%d rows: a token would have spanned the end of the prompt (e.g. a prompt ending in a space), so the "
+            "completion was tokenized on its own and the eval prompt stays a token prefix of the row",
+            encoder.rows_split_at_prompt,
+        )
     return PreparedData(
         train=datasets.Dataset.from_dict(train_rows, features=FEATURES),
         eval=datasets.Dataset.from_dict(eval_rows, features=FEATURES),
@@ -144,7 +153,7 @@ def _encode_all(encoder: Encoder, examples: list[Example]) -> tuple[list[_Item],
         try:
             enc = encoder.encode_example(ex)
         except TemplateProblem as exc:
-            bad.append(BadRow(ex.source, "template_error", str(exc)))
+            bad.append(BadRow(ex.source, exc.reason, str(exc)))
             continue
         items.append(_Item(ex, enc.input_ids, enc.labels, enc.prompt, enc.reference, order))
     return items, bad

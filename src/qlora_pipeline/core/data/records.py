@@ -5,6 +5,11 @@ is either one for every file or one per path glob, see `ColumnMaps`):
 messages -> chat, conversations -> sharegpt (normalised to chat), instruction/input/output ->
 alpaca, prompt/completion -> prompt/completion, text -> text. A row that fails a check becomes a
 `BadRow` with a reason code (see REASONS) and a message saying what is wrong.
+
+Chat turns are kept as the dicts the chat template is given: `role` and `content`, plus
+`tool_calls` on an assistant turn that calls tools (normalised to the OpenAI shape with `arguments`
+as a JSON object, which is what templates render) and `name` / `tool_call_id` on a `tool` turn.
+Whether the template can render tool use is the encoder's check (`tools_unsupported`).
 """
 
 from __future__ import annotations
@@ -32,12 +37,18 @@ REASONS = (
     "bad_role_order",
     "special_token_in_text",
     "template_error",
+    "tools_unsupported",
 )
 # Reasons a valid row is dropped (they do not count as bad data).
 DROP_REASONS = ("duplicate", "too_long", "no_trainable_tokens")
 
-CHAT_ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's tool turns as LLaMA-Factory writes them: `function_call` (the value is the call as JSON)
+# and `observation` (the tool's result).
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "function_call": "assistant", "observation": "tool", "tool": "tool",
+}
 
 
 @dataclass
@@ -48,7 +59,8 @@ class Example:
     format: str  # text | instruction | chat | sharegpt
     kind: str  # text | alpaca | pair | chat
     text: str = ""
-    messages: tuple[tuple[str, str], ...] = ()  # chat turns (role, content)
+    messages: tuple[dict[str, Any], ...] = ()  # chat turns as the template gets them (see the module doc)
+    tools: tuple[dict[str, Any], ...] = ()  # tool definitions (JSON schema) the template renders, if any
     instruction: str = ""
     input: str = ""
     output: str = ""  # alpaca output, or the completion of a prompt/completion pair
@@ -60,12 +72,21 @@ class Example:
             "text": [self.text],
             "alpaca": [self.instruction, self.input, self.output],
             "pair": [self.prompt, self.output],
-            "chat": [list(m) for m in self.messages],
+            "chat": [_turn_key(m) for m in self.messages] + ([{"tools": list(self.tools)}] if self.tools else []),
         }[self.kind]
-        return json.dumps([self.kind, body], ensure_ascii=False)
+        return json.dumps([self.kind, body], ensure_ascii=False, sort_keys=True)
 
     def strings(self) -> list[str]:
-        return [self.text, self.instruction, self.input, self.output, self.prompt, *(c for _, c in self.messages)]
+        """Every text the model will read, for the special-token check (tool calls and schemas as JSON)."""
+        extras = [json.dumps(m["tool_calls"], ensure_ascii=False) for m in self.messages if m.get("tool_calls")]
+        extras += [json.dumps(t, ensure_ascii=False) for t in self.tools]
+        return [self.text, self.instruction, self.input, self.output, self.prompt, *(m["content"] for m in self.messages), *extras]
+
+
+def _turn_key(message: dict[str, Any]) -> list[Any]:
+    """[role, content] for a plain turn (the identity earlier versions used, so splits stay put), plus the rest."""
+    rest = {k: v for k, v in message.items() if k not in ("role", "content")}
+    return [message["role"], message["content"], rest] if rest else [message["role"], message["content"]]
 
 
 class _Bad(Exception):
@@ -177,7 +198,7 @@ def _string(fields: dict[str, Any], name: str, *, required: bool = True) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _turns(fields: dict[str, Any], name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[tuple[str, str]]:
+def _turns(fields: dict[str, Any], name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, Any]]:
     if name not in fields:
         raise _Bad("missing_field", f"no {name!r} field (fields: {sorted(fields)}); add it or map yours with data.columns")
     turns = fields[name]
@@ -188,37 +209,129 @@ def _turns(fields: dict[str, Any], name: str, role_key: str, content_key: str, r
             raise _Bad("broken_json", f"{name!r} is not a JSON list of turns: {exc.msg}") from None
     if not isinstance(turns, list) or not turns:
         raise _Bad("bad_value", f"{name!r} must be a non-empty list of turns")
-    out = []
-    for number, turn in enumerate(turns, 1):
-        if not isinstance(turn, dict):
-            raise _Bad("bad_value", f"turn {number} must be an object with {role_key!r} and {content_key!r}")
-        if role_key not in turn or content_key not in turn or turn[content_key] is None:
-            raise _Bad("missing_field", f"turn {number} needs {role_key!r} and {content_key!r} (has {sorted(turn)})")
-        role, content = turn[role_key], turn[content_key]
-        if not isinstance(content, str):
+    return [_turn(number, turn, role_key, content_key, roles) for number, turn in enumerate(turns, 1)]
+
+
+def _turn(number: int, turn: Any, role_key: str, content_key: str, roles: dict[str, str]) -> dict[str, Any]:
+    """One turn as the chat template gets it: role, content, and tool_calls / name / tool_call_id where given."""
+    if not isinstance(turn, dict):
+        raise _Bad("bad_value", f"turn {number} must be an object with {role_key!r} and {content_key!r}")
+    raw_role = turn.get(role_key)
+    if raw_role is None:
+        raise _Bad("missing_field", f"turn {number} needs {role_key!r} and {content_key!r} (has {sorted(turn)})")
+    if not isinstance(raw_role, str) or raw_role not in roles:
+        raise _Bad("bad_role_order", f"turn {number} has unknown role {raw_role!r}; allowed: {', '.join(roles)}")
+    role = roles[raw_role]
+    calls = None
+    if raw_role == "function_call":  # ShareGPT: the value is the call itself
+        calls, content = _tool_calls(turn.get(content_key), number), ""
+    else:
+        if turn.get("tool_calls") is not None:
+            if role != "assistant":
+                raise _Bad("bad_value", f"turn {number} ({role}) has tool_calls; only assistant turns call tools")
+            calls = _tool_calls(turn["tool_calls"], number)
+        content = turn.get(content_key)
+        if content is None:
+            if calls is None:  # a turn that calls tools may have no text
+                raise _Bad("missing_field", f"turn {number} needs {role_key!r} and {content_key!r} (has {sorted(turn)})")
+            content = ""
+        elif role == "tool" and isinstance(content, (dict, list)):  # structured tool results, as JSON text
+            content = json.dumps(content, ensure_ascii=False)
+        elif not isinstance(content, str):
             raise _Bad("bad_value", f"turn {number}: {content_key!r} must be a string, got {type(content).__name__}")
-        if role not in roles:
-            raise _Bad("bad_role_order", f"turn {number} has unknown role {role!r}; allowed: {', '.join(roles)}")
-        out.append((roles[role], content))
+    message: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    if role == "tool":
+        for key in ("name", "tool_call_id"):
+            if isinstance(turn.get(key), str) and turn[key]:
+                message[key] = turn[key]
+    return message
+
+
+def _tool_calls(value: Any, number: int) -> list[dict[str, Any]]:
+    """A turn's tool calls in the OpenAI shape, `arguments` a JSON object (templates render it with tojson).
+
+    Accepted: a list of calls or one call, each `{"type": "function", "function": {"name", "arguments"}}`
+    or flat `{"name", "arguments"}` (`parameters` too); `arguments` a JSON object or JSON text of one.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise _Bad("broken_json", f"turn {number}: the tool call is not JSON: {exc.msg}") from None
+    calls = [value] if isinstance(value, dict) else value
+    if not isinstance(calls, list) or not calls:
+        raise _Bad("bad_value", f"turn {number}: tool_calls must be a non-empty list of calls")
+    out = []
+    for k, call in enumerate(calls, 1):
+        what = f"turn {number}, tool call {k}"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise _Bad("bad_value", f'{what} must be an object like {{"type": "function", "function": {{"name": ..., "arguments": {{...}}}}}}')
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _Bad("bad_value", f"{what} needs a function name")
+        arguments = function.get("arguments", function.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise _Bad("broken_json", f"{what}: arguments are not JSON: {exc.msg}") from None
+        if not isinstance(arguments, dict):
+            raise _Bad("bad_value", f"{what}: arguments must be a JSON object, got {type(arguments).__name__}")
+        entry: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if isinstance(call.get("id"), str) and call["id"]:
+            entry["id"] = call["id"]
+        out.append(entry)
     return out
 
 
-def check_role_order(turns: list[tuple[str, str]]) -> None:
-    """Optional system first, then user/assistant alternating, ending on a non-empty assistant reply."""
-    start = 1 if turns[0][0] == "system" else 0
-    expected = "user"
-    for number, (role, content) in enumerate(turns[start:], start + 1):
-        if role != expected:
-            where = "only first" if role == "system" else f"{expected} expected"
-            raise _Bad("bad_role_order", f"turn {number} is {role!r} ({where}); turns must go [system], user, assistant, user, ...")
+def _tools(fields: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The row's `tools` definitions (a list of JSON schemas, or JSON text of one), if it has them."""
+    tools = fields.get("tools")
+    if tools is None or tools == "":
+        return ()
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise _Bad("broken_json", f"'tools' is not a JSON list of tool definitions: {exc.msg}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _Bad("bad_value", "'tools' must be a list of tool definitions (JSON schema objects)")
+    return tuple(tools)
+
+
+def check_role_order(turns: list[dict[str, Any]]) -> None:
+    """Optional system first, then user/assistant alternating, ending on an assistant turn.
+
+    An assistant turn with tool_calls is followed by one or more `tool` turns (its results), then by
+    the assistant again; a conversation may also end on a tool call.
+    """
+    start = 1 if turns[0]["role"] == "system" else 0
+    expected: tuple[str, ...] = ("user",)
+    for number, turn in enumerate(turns[start:], start + 1):
+        role, content = turn["role"], turn["content"]
+        if role not in expected:
+            where = "only first" if role == "system" else f"{' or '.join(expected)} expected"
+            raise _Bad(
+                "bad_role_order",
+                f"turn {number} is {role!r} ({where}); turns must go [system], user, assistant, user, ... "
+                "(an assistant turn with tool_calls is followed by its 'tool' results, then the assistant again)",
+            )
         if role == "user" and not content.strip():
             raise _Bad("bad_value", f"turn {number} (user) is empty")
-        if role == "assistant" and not content.strip():
+        if role == "assistant" and not content.strip() and not turn.get("tool_calls"):
             raise _Bad("empty_completion", f"turn {number} (assistant) is empty")
-        expected = "assistant" if role == "user" else "user"
+        if role == "user":
+            expected = ("assistant",)
+        elif role == "assistant":
+            expected = ("tool",) if turn.get("tool_calls") else ("user",)
+        else:
+            expected = ("tool", "assistant")
     if len(turns) == start:
         raise _Bad("bad_role_order", "no user or assistant turns")
-    if turns[-1][0] != "assistant":
+    if turns[-1]["role"] != "assistant":
         raise _Bad("bad_role_order", "the last turn is not the assistant's; end each conversation with the reply to learn")
 
 
@@ -237,12 +350,12 @@ def to_example(row: Row, wanted: str, columns: dict[str, str]) -> Example:
         role_key, content_key = _message_keys(columns, "role", "content")
         turns = _turns(fields, "messages", role_key, content_key, {r: r for r in CHAT_ROLES})
         check_role_order(turns)
-        return Example(row.source, "chat", "chat", messages=tuple(turns))
+        return Example(row.source, "chat", "chat", messages=tuple(turns), tools=_tools(fields))
     if fmt == "sharegpt":
         role_key, content_key = _message_keys(columns, "from", "value")
         turns = _turns(fields, "conversations", role_key, content_key, SHAREGPT_ROLES)
         check_role_order(turns)
-        return Example(row.source, "sharegpt", "chat", messages=tuple(turns))
+        return Example(row.source, "sharegpt", "chat", messages=tuple(turns), tools=_tools(fields))
     # instruction: alpaca (instruction/input/output) or prompt/completion
     if "prompt" in fields or "completion" in fields:
         prompt, completion = _string(fields, "prompt"), _string(fields, "completion")

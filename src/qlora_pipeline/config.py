@@ -199,19 +199,28 @@ class ModelConfig(_Section):
 
 
 class QuantizationConfig(_Section):
+    """How the frozen base is held while the adapter trains; each mode runs train -> merge end to end.
+
+    4-bit (QLoRA, the default), 8-bit (bitsandbytes LLM.int8), or neither (plain LoRA on the
+    unquantized base in compute_dtype). The merge always goes into a float32 copy of the base as
+    the adapter saw it: dequantized where quantized.
+    """
+
     load_in_4bit: bool = True
     load_in_8bit: bool = False
     quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit only."""
     double_quant: bool = True
+    """4-bit only: quantize the quantization constants too (about 0.37 bits per weight less)."""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """auto: bfloat16 where the device supports it, else float32."""
+    """auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU."""
 
     @model_validator(mode="after")
     def _one_mode(self) -> "QuantizationConfig":
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError(
-                "load_in_4bit and load_in_8bit are both true; set exactly one "
-                "(QLoRA uses quantization.load_in_4bit: true)"
+                "load_in_4bit and load_in_8bit are both true; set at most one "
+                "(QLoRA uses quantization.load_in_4bit: true; both false trains plain LoRA on the unquantized base)"
             )
         return self
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from qlora_pipeline.core.merge import MergeCheck, check_merge, check_saved, merge_adapter
+from qlora_pipeline.core.merge import MergeCheck, check_merge, check_saved, dequantized_base, merge_adapter
 from qlora_pipeline.core.model import apply_lora, load_base_model, resolve_model
 from qlora_pipeline.errors import MergeError
+
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_cache, tmp_path_factory):
@@ -65,3 +66,70 @@ def test_saved_files_that_do_not_reload_as_merged_fail(adapter_dir, tmp_path):
 def test_drift_over_tolerance_fails():
     with pytest.raises(MergeError, match=r"differs from the adapter model by 0.5 in logits \(25.00% of the largest.*float32"):
         check_merge(MergeCheck(0.5, 0.1, 2.0, 0.1, 10))
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    from qlora_pipeline.core.tiny import build_tiny_tokenizer
+
+    from .test_other_architectures import ARCHITECTURES
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2")
+    ARCHITECTURES["gpt2"](tokenizer).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _gpt2_base(gpt2_dir, mode: str):
+    from .test_quant_modes import MODES, make_cfg
+
+    cfg = make_cfg(str(gpt2_dir), *MODES[mode])
+    return load_base_model(cfg.model, cfg.quantization, resolve_model(cfg.model, gpt2_dir))
+
+
+@pytest.mark.parametrize("mode", ["nf4-double", "fp4", "8bit"])
+def test_dequantized_gpt2_gets_its_conv1d_layers_back(gpt2_dir, mode):
+    from transformers.pytorch_utils import Conv1D
+
+    from .test_quant_modes import dequantized_weight
+
+    quantized = _gpt2_base(gpt2_dir, mode)
+    names = [n for n, m in quantized.named_modules() if n.rsplit(".", 1)[-1] in ("c_attn", "c_fc", "c_proj")]
+    assert len(names) == 2 * 4
+    # bitsandbytes holds each Conv1D as a linear layer, weight [out, in]; dequantized it is Conv1D [in, out].
+    expected = {n: dequantized_weight(quantized.get_submodule(n)).t() for n in names}
+    biases = {n: quantized.get_submodule(n).bias.detach().float().clone() for n in names}
+    ids = _ids(1, 16)
+    quantized_logits = quantized(input_ids=ids).logits.detach() if mode != "8bit" else None
+    base = dequantized_base(quantized)
+    for n in names:
+        layer = base.get_submodule(n)
+        assert type(layer) is Conv1D and layer.weight.dtype == torch.float32
+        assert torch.equal(layer.weight, expected[n]) and torch.equal(layer.bias, biases[n]), n
+    if quantized_logits is not None:  # a float32 4-bit forward runs on exactly these weights
+        with torch.no_grad():
+            torch.testing.assert_close(base(input_ids=ids).logits, quantized_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_in_another_layout_fails(gpt2_dir, tmp_path):
+    """transformers' own dequantize() gives GPT-2's Conv1D layers back as nn.Linear [out, in]."""
+    from qlora_pipeline.core.merge import _plain
+
+    wrong = _plain(_gpt2_base(gpt2_dir, "nf4-double").dequantize(dtype=torch.float32))
+    wrong.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(MergeError, match=r"not in GPT2LMHeadModel's layout: transformer.h.0.attn.c_attn.weight is \[192, 64\], GPT2LMHeadModel expects \[64, 192\]"):
+        check_saved(tmp_path, wrong)
+
+
+def test_square_layer_in_another_layout_fails(gpt2_dir, tmp_path):
+    """attn.c_proj is 64 x 64: stored as nn.Linear its shape matches, only its class tells."""
+    base = dequantized_base(_gpt2_base(gpt2_dir, "none"))
+    conv = base.transformer.h[1].attn.c_proj
+    linear = torch.nn.Linear(64, 64)
+    linear.weight.data, linear.bias.data = conv.weight.data.t().contiguous(), conv.bias.data.clone()
+    base.transformer.h[1].attn.c_proj = linear
+    base.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(MergeError, match="not in GPT2LMHeadModel's layout: transformer.h.1.attn.c_proj is Linear, GPT2LMHeadModel has Conv1D"):
+        check_saved(tmp_path, base)

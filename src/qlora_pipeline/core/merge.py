@@ -1,8 +1,13 @@
 """Merge a LoRA adapter into a full-precision copy of the base and check the merge alone.
 
-The adapter was trained against the 4-bit base, so it is merged into the dequantized base (the
-exact NF4 values the adapter saw), never into the 4-bit weights themselves: re-quantizing W + BA
-would throw the update away in rounding.
+The adapter was trained against the quantized base, so it is merged into the dequantized base (the
+exact NF4/FP4 or int8 values the adapter saw), never into the quantized weights themselves:
+re-quantizing W + BA would throw the update away in rounding. An unquantized base (plain LoRA,
+`quantization.load_in_4bit: false`) is merged into as it is, in float32.
+
+Dequantizing restores each layer's own class and layout: bitsandbytes stores a Conv1D layer
+(GPT-2's c_attn, c_fc, c_proj, weight [in, out]) transposed as a linear one, and transformers'
+`dequantize()` gives it back as nn.Linear [out, in], a model its own architecture cannot load.
 
 The check compares like with like, every time: the adapter model (dequantized base + unmerged
 adapter) and the merged model, both in float32 on the same device and the same tokens. What is
@@ -63,19 +68,59 @@ def _plain(model):
     return model
 
 
+def _as_conv1d(linear: torch.nn.Linear):
+    """The Conv1D layer bitsandbytes loaded as a linear one: the same function, weight [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        conv = Conv1D(linear.out_features, linear.in_features)
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else weight.new_zeros(linear.out_features)
+    conv.weight = torch.nn.Parameter(weight.t().contiguous(), requires_grad=False)
+    conv.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    hook = getattr(linear, "_hf_hook", None)
+    if hook is not None:  # an accelerate dispatch hook moves inputs to the layer's device
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(conv, hook)
+    return conv
+
+
+def dequantized_base(model):
+    """A float32 copy of the base in its architecture's own layout: dequantized if quantized.
+
+    Quantized layers become the class they were before bitsandbytes replaced them (its
+    `source_cls`): nn.Linear, or Conv1D with the weight transposed back.
+    """
+    if not getattr(model, "is_quantized", False):
+        return _plain(model).float()
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    was_conv1d = [
+        name for name, module in model.named_modules()
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+        and issubclass(getattr(module, "source_cls", torch.nn.Linear), Conv1D)
+    ]
+    model = model.dequantize(dtype=torch.float32)
+    for name in was_conv1d:
+        model.set_submodule(name, _as_conv1d(model.get_submodule(name)))
+    return _plain(model).float()
+
+
 @torch.no_grad()
 def merge_adapter(
-    quantized_base, adapter_dir: str, dtype: torch.dtype, check_inputs: list[torch.Tensor], tolerance: float
+    base, adapter_dir: str, dtype: torch.dtype, check_inputs: list[torch.Tensor], tolerance: float
 ):
-    """Fold the adapter into the dequantized base; returns (merged model in `dtype`, MergeCheck).
+    """Fold the adapter into the (dequantized) base; returns (merged model in `dtype`, MergeCheck).
 
+    base: as load_base_model returns it, 4-bit, 8-bit or unquantized; it is changed in place.
     check_inputs: token-id tensors of shape [1, seq] (or [batch, seq]) the two models are compared
     on. Memory: a float32 copy of the base (4 bytes per parameter) on the base's device.
     Raises MergeError when the merged model's logits differ from the adapter model's by more than
     `tolerance` of the largest logit (a correct merge is near 1e-6).
     """
-    base = _plain(quantized_base.dequantize(dtype=torch.float32)).float()
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    model = PeftModel.from_pretrained(dequantized_base(base), adapter_dir).eval()
     reference = [_logits(model, ids) for ids in check_inputs]
     merged = model.merge_and_unload(safe_merge=True).eval()
     check = _summary(reference, [_logits(merged, ids) for ids in check_inputs], tolerance)
@@ -97,22 +142,57 @@ def check_merge(check: MergeCheck) -> None:
 
 @torch.no_grad()
 def check_saved(saved_dir, merged) -> int:
-    """Reload the saved merged model with plain transformers; every tensor must equal `merged`'s.
+    """Reload the saved merged model with plain transformers; it must be `merged`, tensor for tensor.
 
-    Returns the number of tensors compared. Raises MergeError naming the first tensor that is
-    missing, of another shape (a layer saved in another layout) or of other values.
+    The architecture named in the saved config.json must have the merged model's layer classes and
+    tensor shapes (a layer in another layout, such as a GPT-2 Conv1D saved as nn.Linear, fails
+    here), and every reloaded tensor must equal the merged one. Returns the number of tensors
+    compared. Raises MergeError naming the first layer or tensor that differs.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     expected = merged.state_dict()
     dtype = next(merged.parameters()).dtype
     try:
+        config = AutoConfig.from_pretrained(saved_dir)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"the merged model in {saved_dir} has no loadable config: {exc}; nothing was registered") from None
+    arch = type(skeleton).__name__
+    _check_layout(merged, skeleton, arch)
+    try:
         reloaded = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=dtype, device_map="cpu").state_dict()
     except (OSError, ValueError, RuntimeError) as exc:
-        raise MergeError(f"the merged model in {saved_dir} does not load with transformers: {exc}") from None
+        raise MergeError(f"the merged model in {saved_dir} does not load with transformers as {arch}: {exc}") from None
+    extra = sorted(set(reloaded) - set(expected))
+    if extra:
+        raise MergeError(f"the saved merged model reloads with tensors the merged model lacks: {extra[:5]}; nothing was registered")
     for name, tensor in expected.items():
         got = reloaded.get(name)
         if got is None or got.shape != tensor.shape or not torch.equal(got, tensor.cpu()):
             what = "missing" if got is None else (f"shape {list(got.shape)} vs {list(tensor.shape)}" if got.shape != tensor.shape else "other values")
             raise MergeError(f"the saved merged model does not reload as merged: {name} is {what}; nothing was registered")
     return len(expected)
+
+
+def _check_layout(merged, skeleton, arch: str) -> None:
+    """Every tensor of the merged model has the shape, and every linear layer the class, `arch` gives it."""
+    from transformers.pytorch_utils import Conv1D
+
+    shapes = {n: t.shape for n, t in skeleton.state_dict().items()}
+    for name, tensor in merged.state_dict().items():
+        if name in shapes and shapes[name] != tensor.shape:
+            raise MergeError(
+                f"the merged model is not in {arch}'s layout: {name} is {list(tensor.shape)}, {arch} expects "
+                f"{list(shapes[name])}; nothing was registered"
+            )
+    linear = (torch.nn.Linear, Conv1D)
+    own = dict(skeleton.named_modules())
+    for name, module in merged.named_modules():  # a square layer stored transposed keeps its shape
+        theirs = own.get(name)
+        if theirs is not None and type(theirs) is not type(module) and (isinstance(module, linear) or isinstance(theirs, linear)):
+            raise MergeError(
+                f"the merged model is not in {arch}'s layout: {name} is {type(module).__name__}, {arch} has "
+                f"{type(theirs).__name__}; nothing was registered"
+            )

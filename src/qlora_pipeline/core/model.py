@@ -112,6 +112,7 @@ def load_tokenizer(cfg: ModelConfig, resolved: ResolvedModel):
 
 
 def quantization_config(cfg: QuantizationConfig) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for 4-bit (QLoRA) or 8-bit loading; None loads the base unquantized (plain LoRA)."""
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype)
     if cfg.load_in_4bit:
         return BitsAndBytesConfig(
@@ -129,7 +130,7 @@ def quantization_config(cfg: QuantizationConfig) -> BitsAndBytesConfig | None:
 def load_base_model(
     cfg: ModelConfig, quant: QuantizationConfig, resolved: ResolvedModel, vocab_size: int | None = None
 ) -> PreTrainedModel:
-    """Load the base model quantized per `quant` (4-bit NF4 by default), in eval mode.
+    """Load the base model per `quant` (4-bit NF4 by default; 8-bit; or unquantized: plain LoRA), in eval mode.
 
     Non-quantized parts (norms, embeddings, head) stay in the compute dtype: no fp32 upcast,
     which would cost memory and speed for no accuracy gain with a bf16 compute dtype.
@@ -169,16 +170,25 @@ def base_model_revision(model: PreTrainedModel, resolved: ResolvedModel) -> str:
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Leaf names of the linear layers LoRA can target (quantized or not), without the head."""
-    import bitsandbytes as bnb
+    """Leaf names of the layers LoRA can target, without the output head.
 
-    kinds = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)}
+    nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt are subclasses) and transformers' Conv1D
+    (GPT-2's c_attn, c_fc, c_proj: a linear layer stored as [in, out]), the same set peft's
+    all-linear picks; unquantized they stay Conv1D, quantized bitsandbytes has replaced them.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head
+    }
     names.discard("lm_head")
     return sorted(names)
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool):
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool | int | str):
     """Wrap the quantized model with trainable LoRA adapters; the base stays frozen."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -193,7 +203,8 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
             )
     for param in model.parameters():
         param.requires_grad_(False)
-    if gradient_checkpointing:
+    # auto: which layers recompute is the memory plan's call (core/fast.py, apply_fast_path).
+    if gradient_checkpointing != "auto" and gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen embedding, checkpointed blocks need an input that requires grad.
         model.enable_input_require_grads()

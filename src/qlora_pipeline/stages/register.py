@@ -74,6 +74,19 @@ def load_champion(model_name: str, dtype: torch.dtype):
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
+def score_champion(reg: RegisterConfig, champion, tokenizer, eval_ds, collator, evaluate_cfg, samples) -> float | None:
+    """The champion's score on this eval split; None when its registered files do not load (a
+    champion that cannot be served loses its place to any challenger that beats the base)."""
+    try:
+        champion_model = load_champion(reg.model_name, getattr(torch, reg.merge_dtype))
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("champion v%s does not load (%s); scoring the challenger against the base only", champion.version, str(exc).splitlines()[0][:300])
+        return None
+    score = score_model(champion_model, tokenizer, eval_ds, collator, evaluate_cfg, samples).metrics[reg.metric]
+    del champion_model
+    return score
+
+
 def _inject_transient_failure() -> None:
     """Test hook for orchestration retries: fail once, before anything is registered."""
     marker = os.environ.get(FAIL_ONCE_ENV)
@@ -160,9 +173,7 @@ def run(ctx: StageContext) -> dict:
         champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
         champion_score = None
         if champion is not None:
-            champion_model = load_champion(reg.model_name, getattr(torch, reg.merge_dtype))
-            champion_score = score_model(champion_model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
-            del champion_model
+            champion_score = score_champion(reg, champion, tokenizer, eval_ds, collator, cfg.evaluate, samples)
 
         _inject_transient_failure()
         version = register_version(ctx, client, run_id, merged, tokenizer, revision, check, eval_metrics)

@@ -102,7 +102,7 @@ def gate(reg: RegisterConfig, eval_metrics: dict, challenger_score: float, champ
     reason = (
         f"{reg.metric}: tuned {eval_metrics[reg.metric]:.4f} vs base {eval_metrics['base_' + reg.metric]:.4f}; "
         f"challenger {challenger_score:.4f} vs champion "
-        + (f"v{champion.version} {champion_score:.4f}" if champion is not None else "none")
+        + (f"v{champion.version} {champion_score:.4f}" if champion_score is not None else (f"v{champion.version} (does not load)" if champion is not None else "none"))
         + f" (min_improvement {reg.min_improvement})"
     )
     return beats_base and beats_champion, beats_base, beats_champion, reason

@@ -87,7 +87,7 @@ CASES = [
     Case("alpha out of range", params(lora__alpha=0), ["prepare"], ["lora.alpha: Input should be greater than 0"]),
     Case("learning rate out of range", params(train__learning_rate=5), ["prepare"], ["train.learning_rate: Input should be less than or equal to 1"]),
     Case("dropout out of range", params(lora__dropout=1.0), ["prepare"], ["lora.dropout: Input should be less than 1"]),
-    Case("4-bit and 8-bit", params(quantization__load_in_8bit=True), ["prepare"], ["load_in_4bit and load_in_8bit are both true", "set exactly one"]),
+    Case("4-bit and 8-bit", params(quantization__load_in_8bit=True), ["prepare"], ["load_in_4bit and load_in_8bit are both true", "set at most one"]),
     Case("empty target modules", params(lora__target_modules=[]), ["prepare"], ["lora.target_modules: must be 'all-linear' or a non-empty list"]),
     Case("target modules match no layer", params(lora__target_modules=["c_attn"]), ["train"], ["['c_attn'] match no linear layer", "available: ['down_proj'"], needs_prepared=True),
     Case("params not YAML", params_text("data:", "data: [oops"), ["prepare"], ["params.yaml: not valid YAML"]),

@@ -5,6 +5,7 @@ any raw_path is the prepare stage's DVC dependency, and one `-S` line sets data.
 from __future__ import annotations
 
 import json
+import subprocess
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,19 @@ def test_one_set_syntax_for_columns_in_dvc_exp_run_and_qlora(project):
     run(["qlora", "prepare", "-S", f"data.columns='{first}'"], project, env)
     assert json.loads((project / "data" / "prepared" / "report.json").read_text())["counts"] == {}
     assert sum(s.startswith("data/raw/extra/qa.jsonl:") for s in sources(project)) == 30
+
+
+def test_committed_raw_dvc_is_the_demo_data(tmp_path):
+    """`make data` copies data/demo into data/raw: its DVC hash must be the committed data/raw.dvc's,
+    or a fresh clone's checkout of the commit (Prefect workspaces) cannot find the data."""
+
+    from .conftest import BIN, REPO
+
+    raw = tmp_path / "data" / "raw"
+    shutil.copytree(REPO / "data" / "demo", raw)
+    (raw / "make_demo_data.py").unlink()
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "add", "-q", "data/raw"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    made = yaml.safe_load((tmp_path / "data" / "raw.dvc").read_text())["outs"][0]
+    committed = yaml.safe_load((REPO / "data" / "raw.dvc").read_text())["outs"][0]
+    assert (made["md5"], made["size"], made["nfiles"]) == (committed["md5"], committed["size"], committed["nfiles"])

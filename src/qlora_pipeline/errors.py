@@ -33,3 +33,11 @@ class TransientError(RegistryError):
     """A tracking server or registry that failed in a way worth retrying later (down, 5xx)."""
 
     exit_code = 75  # sysexits.h EX_TEMPFAIL: orchestrators retry on it
+
+
+class TrainingDivergedError(QloraError):
+    """Training produced a non-finite loss, gradient or LoRA weight; nothing was saved."""
+
+
+class NonFiniteMetricError(QloraError):
+    """A metric is NaN or infinite: it cannot be written, compared or promoted on."""

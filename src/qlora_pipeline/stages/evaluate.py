@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import mlflow
 import pandas as pd
@@ -20,6 +21,7 @@ from qlora_pipeline.atomic import write_json_atomic, write_text_atomic
 from qlora_pipeline.core.data import load_prepared, make_collator
 from qlora_pipeline.core.evaluate import adapter_disabled, chat_prompt, generate, score_model
 from qlora_pipeline.core.model import load_base_model
+from qlora_pipeline.errors import NonFiniteMetricError
 from qlora_pipeline.stages.common import StageContext, base_tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,18 @@ def eval_split(ctx: StageContext):
     if ctx.cfg.evaluate.max_eval_rows:
         eval_ds = eval_ds.select(range(min(ctx.cfg.evaluate.max_eval_rows, len(eval_ds))))
     return eval_ds
+
+
+def check_finite_metrics(metrics: dict) -> None:
+    """No NaN or inf reaches eval.json: a NaN eval_loss means the adapter is broken, not a score."""
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        names = ", ".join(f"{k} is {v}" for k, v in bad.items())
+        raise NonFiniteMetricError(
+            f"evaluate: {names}; metrics/eval.json is not written. The trained adapter (models/adapter) "
+            "gives non-finite outputs: retrain with a lower train.learning_rate or quantization.compute_dtype "
+            "bfloat16 (or float32), and check the training data"
+        )
 
 
 def sample_rows(eval_ds, count: int) -> list[dict]:
@@ -78,6 +92,7 @@ def run(ctx: StageContext) -> dict:
 
         metrics = {**tuned.metrics, **{f"base_{k}": v for k, v in base.metrics.items()}}
         metrics["eval_rows"] = len(eval_ds)
+        check_finite_metrics(metrics)
         table = [
             {**row, "base": b, "tuned": t} for row, b, t in zip(samples, base.generations, tuned.generations)
         ] + [

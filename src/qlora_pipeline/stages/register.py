@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from qlora_pipeline.core.data import make_collator
 from qlora_pipeline.core.evaluate import score_model, set_stop_tokens
 from qlora_pipeline.core.merge import check_saved, merge_adapter
 from qlora_pipeline.core.model import base_model_revision, load_base_model
-from qlora_pipeline.errors import RegistryError, TransientError
+from qlora_pipeline.errors import NonFiniteMetricError, RegistryError, TransientError
 from qlora_pipeline.stages.common import StageContext, base_tokenizer
 from qlora_pipeline.stages.evaluate import eval_split, sample_rows
 
@@ -38,7 +39,8 @@ MERGE_CHECK_ROWS = 4
 
 
 def beats(candidate: float, reference: float, cfg: RegisterConfig) -> bool:
-    """True if candidate is better than reference by at least min_improvement."""
+    """True if candidate is better than reference by at least min_improvement (both must be finite)."""
+    require_finite(cfg.metric, candidate=candidate, reference=reference)
     gain = candidate - reference if cfg.greater_is_better else reference - candidate
     return gain >= cfg.min_improvement and gain > 0
 
@@ -95,8 +97,26 @@ def _inject_transient_failure() -> None:
         raise TransientError("injected transient registry failure (QLORA_FAIL_ONCE_REGISTER); run register again")
 
 
+def require_finite(metric: str, **scores: float | None) -> None:
+    """A NaN compares false with everything, so it would pass or fail a gate silently: refuse it."""
+    bad = [f"{who} {metric} is {float(v)}" for who, v in scores.items() if v is not None and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteMetricError(
+            f"{'; '.join(bad)}: a non-finite metric cannot be compared, nothing is promoted. A NaN eval metric "
+            "means the adapter diverged: retrain with a lower train.learning_rate or quantization.compute_dtype "
+            "bfloat16 (or float32), then run evaluate again"
+        )
+
+
 def gate(reg: RegisterConfig, eval_metrics: dict, challenger_score: float, champion, champion_score: float | None):
     """Promote only if the tuned model beats the base and the challenger beats the champion."""
+    require_finite(
+        reg.metric,
+        tuned=eval_metrics[reg.metric],
+        base=eval_metrics[f"base_{reg.metric}"],
+        challenger=challenger_score,
+        **{f"champion v{getattr(champion, 'version', '?')}": champion_score},
+    )
     beats_base = beats(eval_metrics[reg.metric], eval_metrics[f"base_{reg.metric}"], reg)
     beats_champion = champion_score is None or beats(challenger_score, champion_score, reg)
     reason = (

@@ -11,9 +11,9 @@ GPU ?= 0
 # 2 CPU cores (benchmarks/README.md, CPU); everything else from params.yaml.
 DEMO_MODEL ?= base_models/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_SET ?= -S model.name=$(DEMO_MODEL) -S register.model_name=qlora-demo \
-	-S data.max_seq_len=128 -S train.epochs=1 -S train.per_device_batch_size=8 \
+	-S data.max_seq_len=128 -S train.max_steps=16 -S train.per_device_batch_size=8 \
 	-S train.gradient_accumulation_steps=1 -S train.learning_rate=0.001 -S train.warmup_steps=3 \
-	-S train.logging_steps=5 -S train.save_steps=100 -S evaluate.num_samples=12 \
+	-S train.logging_steps=5 -S train.save_steps=100 -S evaluate.num_samples=8 \
 	-S evaluate.max_new_tokens=24 -S 'evaluate.prompts=[]'
 DEMO_ASK ?= "Record the contact." "Hello from Lyon, this is Ines Moreau."
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from rich.console import Console
 from rich.table import Table
@@ -29,12 +30,26 @@ def _samples(path, count: int) -> list[dict]:
     return [r for r in rows if r.get("reference")][:count]
 
 
+_MARKUP = re.compile(r"<\|[^|>]*\|>|</?s>")
+
+
+def display_prompt(prompt: str) -> str:
+    """The last user turn of a rendered chat prompt, without template markup (the whole prompt
+    when it has no user marker, e.g. an alpaca prompt)."""
+    lines = prompt.splitlines()
+    marks = [i for i, line in enumerate(lines) if "user" in line and _MARKUP.sub("", line).strip() in ("", "user")]
+    if marks:
+        lines = lines[marks[-1] + 1 :]
+    kept = [_MARKUP.sub("", line).strip() for line in lines]
+    return "\n".join(line for line in kept if line and line != "assistant") or prompt
+
+
 def samples_table(rows: list[dict]) -> Table:
     table = Table(title="Held-out examples: base vs tuned (greedy)", show_lines=True)
     for column in ("prompt", "reference", "base", "tuned"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row["prompt"], row["reference"], row["base"], row["tuned"])
+        table.add_row(display_prompt(row["prompt"]), row["reference"], row["base"], row["tuned"])
     return table
 
 

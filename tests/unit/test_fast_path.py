@@ -54,11 +54,13 @@ def test_bad_knobs_fail_with_their_key(train, message):
         validate_params({"train": train})
 
 
-def test_auto_knobs_switch_everything_off_on_a_cpu():
+def test_auto_knobs_on_a_cpu_plan_memory_against_ram_and_fuse_lora_only():
     opts = fast.resolve_options(TrainConfig(), "cpu")
-    assert (opts.liger, opts.fused_lora, opts.padding_free, opts.tune_micro_batch) == (False, False, False, False)
+    assert (opts.liger, opts.fused_lora, opts.padding_free, opts.tune_micro_batch) == (False, True, False, False)
     assert opts.dropout_mask_bits is False
-    assert opts.checkpointing is True and opts.memory_budget_gib is None
+    # auto checkpointing is planned against half the RAM available now, not forced on every layer
+    assert opts.checkpointing == "auto"
+    assert opts.memory_budget_gib == pytest.approx(fast.default_cpu_memory_budget_gib(), rel=0.2)
 
 
 @pytest.mark.parametrize("value", [True, False, "auto"])

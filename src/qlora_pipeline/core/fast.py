@@ -3,9 +3,9 @@
     model, cfg, collator, report = apply_fast_path(model, cfg, collator, train_dataset)
 
 core/train.py makes this call before it builds the Trainer. Each piece has a knob in `train:`
-(params.yaml) whose default `auto` means "on with a CUDA GPU, off on a CPU", so the CPU path trains
-exactly as before. On the 8B shape on an H200 (benchmarks/README.md), with the memory budget at
-0.6x the original recipe's peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
+(params.yaml) whose default `auto` means "on with a CUDA GPU" unless said otherwise below. On the
+8B shape on an H200 (benchmarks/README.md), with the memory budget at 0.6x the original recipe's
+peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
 
 - per-layer gradient checkpointing: recompute only as many decoder layers as the memory budget
   needs, the first ones (their recompute runs last, when the later layers' activations are freed);
@@ -26,6 +26,16 @@ exactly as before. On the 8B shape on an H200 (benchmarks/README.md), with the m
   linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it was slower at
   4 x 2048 tokens (10,627 vs 11,060 tokens/s before the sibling groups), though it peaked lower (9.4
   vs 13.2 GiB). Hence off by default.
+
+On a CPU (benchmarks/README.md, "CPU": SmolLM2-135M, 8 x 128 tokens, 2 cores) the memory plan
+and fused LoRA run too (their `auto` includes the CPU); the rest stays off:
+
+- memory plan against RAM: `gradient_checkpointing: auto` recomputes as few layers as fit in
+  `memory_budget_gib` (auto: half the RAM available when training starts), so with RAM to spare
+  nothing is recomputed (recompute costs a third more work per step);
+- fused LoRA, its dropout masks drawn 16 random bits per element (bits16_dropout): torch's CPU
+  dropout draws one 32-bit number per element in a serial loop, which was the largest cost after
+  the matmuls.
 
 Imports only torch / transformers / peft (liger-kernel and triton when installed): runs on a bare
 GPU box.
@@ -114,21 +124,24 @@ class FastOptions:
     padding_free: bool
     checkpointing: bool | int | str  # "auto", True (every layer), False (none) or a layer count
     tune_micro_batch: bool
-    memory_budget_gib: float | None  # None: no GPU, nothing to plan against
+    memory_budget_gib: float | None  # GiB of GPU memory, or of RAM on a CPU; None: no limit
     compile: bool = False
     dropout_mask_bits: bool = False
 
 
 def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) -> FastOptions:
+    """What the fast path does on this device. The memory plan (checkpointing, budget) and fused
+    LoRA apply on a CPU too: there the budget is RAM (default_cpu_memory_budget_gib)."""
     on_gpu = _cuda(device)
-    budget: float | None = None
-    if on_gpu:
-        budget = default_memory_budget_gib() if cfg.memory_budget_gib == "auto" else float(cfg.memory_budget_gib)
+    if cfg.memory_budget_gib != "auto":
+        budget = float(cfg.memory_budget_gib)
+    else:
+        budget = default_memory_budget_gib() if on_gpu else default_cpu_memory_budget_gib()
     return FastOptions(
         liger=resolve_switch(cfg.use_liger, "use_liger", on_gpu=on_gpu, available=liger_available()),
-        fused_lora=resolve_switch(cfg.fused_lora, "fused_lora", on_gpu=on_gpu),
+        fused_lora=resolve_switch(cfg.fused_lora, "fused_lora", on_gpu=True),
         padding_free=resolve_switch(cfg.padding_free, "padding_free", on_gpu=on_gpu),
-        checkpointing=cfg.gradient_checkpointing if on_gpu else _plain_checkpointing(cfg.gradient_checkpointing),
+        checkpointing=cfg.gradient_checkpointing,
         tune_micro_batch=bool(cfg.tune_micro_batch) and on_gpu,
         memory_budget_gib=budget,
         compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
@@ -143,16 +156,31 @@ def compile_available() -> bool:
     return hasattr(torch, "compile") and hasattr(nn.Module, "compile") and os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("1", "true", "True")
 
 
-def _plain_checkpointing(value: bool | int | str) -> bool | int:
-    """Without a GPU there is no budget to plan against: auto means every layer, as before."""
-    return True if value == "auto" else value
-
-
 def default_memory_budget_gib(fraction: float = 0.9) -> float:
     """90% of what this process can have of the current GPU."""
     free, total = torch.cuda.mem_get_info()
     usable = min(total, free + torch.cuda.memory_reserved())
     return fraction * usable / GIB
+
+
+def available_ram_bytes() -> int:
+    """RAM this process can still take: psutil's `available` (free plus reclaimable page cache),
+    lowered to the cgroup v2 limit's headroom inside a container that sets one."""
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+    except (OSError, ValueError):
+        return available
+    return available if limit == "max" else min(available, max(0, int(limit) - used))
+
+
+def default_cpu_memory_budget_gib(fraction: float = 0.5) -> float:
+    """Half the RAM available now: the extra memory a CPU training step may take on top of the
+    loaded model (RSS also holds allocator slack, and other processes need room)."""
+    return fraction * available_ram_bytes() / GIB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,23 +217,36 @@ class ModelDims:
         )
 
 
-def layer_activation_bytes(dims: ModelDims, *, liger: bool, lora_dropout: float, packed_mask: bool = False) -> float:
-    """Bytes per token that one decoder layer keeps for its backward when it is not recomputed (bf16).
+def layer_activation_bytes(
+    dims: ModelDims,
+    *,
+    liger: bool,
+    lora_dropout: float,
+    packed_mask: bool = False,
+    element_bytes: float = 2.0,
+    float32_masks: bool = False,
+) -> float:
+    """Bytes per token that one decoder layer keeps for its backward when it is not recomputed.
 
     Counted from what autograd saves in a Llama layer with LoRA on every linear: RMSNorm inputs and
     outputs (the outputs are the LoRA-A inputs), q/k/v after RoPE, attention output, o_proj input,
     gate, up and their product (the down_proj input); frozen 4-bit weights need no saved input.
-    8B: 147 KB counted, 139 KB measured (dropout 0).
+    element_bytes: 2 for a bf16/fp16 compute dtype, 4 for float32 (the CPU's). float32_masks: the
+    LoRA dropout keeps float32 masks (on a CPU: torch's dropout and bits16_dropout alike).
+    8B, bf16: 147 KB counted, 139 KB measured (dropout 0).
     """
     d, f, q, kv = dims.hidden, dims.ffn, dims.q_dim, dims.kv_dim
     elems = 4 * d + 3 * q + 2 * kv + 3 * f
     if not liger:
         elems += 4 * d + f  # fp32 copies inside the eager RMSNorms; silu(gate) kept beside gate and up
-    total = 2.0 * elems
-    if lora_dropout > 0:
+    total = element_bytes * elems
+    dropped = 5 * d + q + f  # elements of the adapters' inputs: q/k/v/gate/up on d, o on q, down on f
+    if lora_dropout > 0 and float32_masks:
+        total += (element_bytes + 4.0) * dropped  # each adapter's dropped-out input and its mask
+    elif lora_dropout > 0:
         # each adapter keeps its own dropped-out input; 8B: 69 KB measured = 1.75 bytes per element,
         # of which the mask is a byte: 7/8 of it go when the mask is kept as bits
-        total += (1.75 - (0.875 if packed_mask else 0.0)) * (5 * d + q + f)
+        total += (1.75 - (0.875 if packed_mask else 0.0)) * dropped
     return total
 
 
@@ -236,24 +277,31 @@ def estimate_peak_bytes(
     liger: bool,
     lora_dropout: float,
     packed_mask: bool = False,
+    element_bytes: float = 2.0,
+    float32_masks: bool = False,
 ) -> float:
-    """Peak GPU memory of one training step with `tokens` tokens per micro-batch.
+    """Peak memory of one training step with `tokens` tokens per micro-batch: GPU memory, or on a CPU
+    what the step adds to the process's RSS (static_bytes then counts only what training adds).
 
     The peak is the larger of two moments: the end of the forward (every kept layer's activations
     plus the recomputed layers' inputs) and the backward of the recomputed layers (their inputs
     plus the one layer being recomputed; the kept layers, the last ones, are freed by then).
+    element_bytes, float32_masks: as for layer_activation_bytes.
     """
-    per_layer = layer_activation_bytes(dims, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask)
+    per_layer = layer_activation_bytes(
+        dims, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask, element_bytes=element_bytes,
+        float32_masks=float32_masks,
+    )
     checkpoint_layers = min(checkpoint_layers, dims.num_layers)
     kept = dims.num_layers - checkpoint_layers
-    inputs = checkpoint_layers * 2.0 * dims.hidden
+    inputs = checkpoint_layers * element_bytes * dims.hidden
     activations = tokens * (inputs + max(kept, 1 if checkpoint_layers else 0) * per_layer)
     if liger:
         loss = 0.0  # logits are never materialised; chunks fit in the misc term below
     else:
-        loss = tokens * dims.vocab * (2.0 + 4.0 + 4.0)  # bf16 logits, fp32 upcast, fp32 grad
-    misc = tokens * dims.hidden * 2.0 * 5  # residual-stream grads, embeddings out; 8B: 40 KB measured
-    dequantized = 2 * dims.largest_linear * 2.0
+        loss = tokens * dims.vocab * (element_bytes + 4.0 + 4.0)  # logits, fp32 upcast (or log-softmax), fp32 grad
+    misc = tokens * dims.hidden * element_bytes * 5  # residual-stream grads, embeddings out; 8B: 40 KB measured
+    dequantized = 2 * dims.largest_linear * element_bytes
     return MEMORY_MARGIN * (static_bytes + activations + loss + misc + dequantized)
 
 
@@ -302,11 +350,14 @@ def plan_memory(
     lora_dropout: float,
     compiled: bool = False,
     packed_mask: bool = False,
+    element_bytes: float = 2.0,
+    float32_masks: bool = False,
 ) -> MemoryPlan:
     """The fastest (micro-batch, recomputed layers) whose estimated peak fits the budget.
 
-    Keeps the effective batch (batch_size x accumulation) fixed; speed from step_seconds.
-    With no budget (no GPU) the configured values are kept.
+    Keeps the effective batch (batch_size x accumulation) fixed; speed from step_seconds (a GPU cost
+    model: on a CPU the micro-batch is not tuned, and fewer recomputed layers are always faster).
+    budget_gib None: no limit.
     """
     effective = batch_size * accumulation
     sizes = _divisors(effective) if tune_micro_batch else [batch_size]
@@ -314,7 +365,10 @@ def plan_memory(
     budget = math.inf if budget_gib is None else budget_gib * GIB
 
     def peak(b: int, k: int) -> float:
-        return estimate_peak_bytes(dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask)
+        return estimate_peak_bytes(
+            dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask,
+            element_bytes=element_bytes, float32_masks=float32_masks,
+        )
 
     best: tuple[float, int, int] | None = None
     for b in sizes:
@@ -342,9 +396,11 @@ def plan_memory(
 
 
 def static_training_bytes(model: nn.Module) -> float:
-    """GPU bytes held before the first step: the model now, plus grads and AdamW's two states (fp32)."""
+    """Bytes held through every step: the trainable parameters' grads and AdamW's two states, plus on
+    a GPU the model as allocated now (on a CPU it is already in the RSS that the budget leaves out)."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return float(torch.cuda.memory_allocated()) + 3.0 * trainable
+    resident = float(torch.cuda.memory_allocated()) if _cuda(next(model.parameters()).device) else 0.0
+    return resident + 3.0 * trainable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +509,7 @@ class LoraMember:
     p: float
     base: bool = True
     packed: bool = False
+    bits16: bool = False  # CPU: the mask from 16 random bits per element (bits16_dropout)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -477,6 +534,8 @@ class LoraLinearFunction(torch.autograd.Function):
         for member, weight_a, weight_b in zip(members, weights[0::2], weights[1::2]):
             if member.p > 0 and member.packed:
                 dropped, mask = packed_dropout.dropout_forward(x2, member.p)
+            elif member.p > 0 and member.bits16:
+                dropped, mask = bits16_dropout(x2, member.p)
             elif member.p > 0:
                 dropped, mask = torch.native_dropout(x2, member.p, True)
             else:
@@ -516,6 +575,9 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_x = torch.mm(grad_hidden, a) if grad_x is None else grad_x.addmm_(grad_hidden, a)
             elif member.packed:  # mask applied and added into grad_x in one kernel
                 grad_x = packed_dropout.dropout_backward(torch.mm(grad_hidden, a), mask, member.p, out=grad_x)
+            elif member.bits16:  # the mask holds keep / (1 - p)
+                part = torch.mm(grad_hidden, a)
+                grad_x = part.mul_(mask) if grad_x is None else grad_x.addcmul_(part, mask)
             else:
                 part = torch.ops.aten.native_dropout_backward(torch.mm(grad_hidden, a), mask, 1.0 / (1.0 - member.p))
                 grad_x = part if grad_x is None else grad_x.add_(part)  # addcmul_ with a bool mask is 3x slower
@@ -553,6 +615,30 @@ class FrozenLinearAddFunction(torch.autograd.Function):
             g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
             grad_x = torch.mm(g, _frozen_weight(ctx.weight, ctx.quant_state, ctx.dtype)).view(ctx.shape)
         return grad_x, grad, None, None, None
+
+
+def bits16_drop_count(p: float) -> int:
+    """Of the 65,536 values of 16 random bits, how many drop an element: bits16_dropout realises the
+    drop probability count / 65,536, within 7.7e-6 of p."""
+    return min(65536, max(0, round(p * 65536)))
+
+
+def bits16_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout on the CPU with a keep mask drawn from 16 random bits per element.
+
+    torch's CPU bernoulli_ (behind nn.Dropout and native_dropout) draws one 32-bit number per element
+    in a serial loop: 7.4 ms for a 1024 x 576 input on one core of the benchmark's CPU, a quarter of a
+    training step's time with peft's LoRA (benchmarks/README.md, "CPU"). Here each 64-bit draw of
+    torch's own generator (so seeds and checkpoint recompute behave as usual) gives four elements.
+    Returns x * mask and the mask: float32, keep / (1 - p') with p' the realised drop probability,
+    so the backward is one in-place multiply (a bool mask costs a conversion each time).
+    """
+    n = x.numel()
+    drop = bits16_drop_count(p)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= drop - 32768
+    mask = keep.to(torch.float32).mul_(65536.0 / (65536 - drop) if drop < 65536 else 0.0)
+    return (x * mask).to(x.dtype), mask
 
 
 def _frozen_matmul(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -599,7 +685,8 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
     packed = p > 0 and getattr(self, "_lora_packed_dropout", False) and packed_dropout.supports(x)
-    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, base, packed)
+    bits16 = p > 0 and not packed and getattr(self, "_lora_bits16_dropout", False) and x.device.type == "cpu"
+    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, base, packed, bits16)
     return member, weight_a, weight_b
 
 
@@ -695,11 +782,14 @@ def _sibling_groups(layer: nn.Module, exclude: set[int]) -> list[list[nn.Module]
     return groups
 
 
-def fuse_lora(model: nn.Module, *, tail_first: bool = True, group_siblings: bool = True, packed_mask: bool = False) -> int:
+def fuse_lora(
+    model: nn.Module, *, tail_first: bool = True, group_siblings: bool = True, packed_mask: bool = False, bits16_mask: bool = False
+) -> int:
     """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction): the last one of
     each decoder layer the adapter-first forward (tail_first), siblings on one input one node
     together (group_siblings, SIBLING_GROUPS), dropout masks kept as bits on a CUDA GPU
-    (packed_mask, core/packed_dropout.py). Returns how many layers were changed."""
+    (packed_mask, core/packed_dropout.py), dropout masks drawn 16 bits per element on the CPU
+    (bits16_mask, bits16_dropout). Returns how many layers were changed."""
     tails: set[int] = set()
     if tail_first:
         tails = {id(lins[-1]) for layer in decoder_layers(model) if (lins := _lora_linears(layer))}
@@ -719,6 +809,8 @@ def fuse_lora(model: nn.Module, *, tail_first: bool = True, group_siblings: bool
         module.forward = MethodType(forward, module)
         if packed_mask:
             module._lora_packed_dropout = True
+        if bits16_mask:
+            module._lora_bits16_dropout = True
     return len(modules)
 
 
@@ -729,6 +821,7 @@ def unfuse_lora(model: nn.Module) -> None:
             del module.forward
         vars(module).pop("_lora_group", None)
         vars(module).pop("_lora_packed_dropout", None)
+        vars(module).pop("_lora_bits16_dropout", None)
 
 
 _FUSED_FORWARDS = (_lora_fused_forward, _lora_tail_forward, _lora_group_forward)
@@ -1006,6 +1099,7 @@ class FastPathReport:
     padding_free: bool
     compiled_layers: int = 0
     packed_mask: bool = False
+    bits16_mask: bool = False
 
     def describe(self) -> str:
         liger = ("linear+cross-entropy only" if self.compiled_layers else "on") if self.liger else "off"
@@ -1013,6 +1107,8 @@ class FastPathReport:
         parts.append(f"fused LoRA on {self.fused_lora_modules} layers" if self.fused_lora_modules else "fused LoRA off")
         if self.packed_mask:
             parts.append("LoRA dropout masks as bits")
+        if self.bits16_mask:
+            parts.append("LoRA dropout masks from 16-bit draws")
         if self.padding_free:
             parts.append("padding-free batches" + (" with varlen/cuDNN attention" if self.varlen_attention else " (SDPA masks)"))
         parts.append(f"{self.compiled_layers} layers compiled" if self.compiled_layers else "not compiled")
@@ -1044,7 +1140,8 @@ def apply_fast_path(
     memory plan (same effective batch); the collator wrapped for padding-free batches when on.
     Call after the LoRA adapters are attached and before the Trainer is built.
     """
-    options = resolve_options(cfg, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    options = resolve_options(cfg, device)
     base = unwrap(model)
     dims = ModelDims.from_config(base.config)
     if lora_dropout is None:
@@ -1052,7 +1149,12 @@ def apply_fast_path(
     liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
     # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves
     packed = options.fused_lora and options.dropout_mask_bits and not options.compile
-    fused = fuse_lora(model, group_siblings=not options.compile, packed_mask=packed) if options.fused_lora else 0
+    bits16 = options.fused_lora and not _cuda(device)
+    fused = (
+        fuse_lora(model, group_siblings=not options.compile, packed_mask=packed, bits16_mask=bits16)
+        if options.fused_lora
+        else 0
+    )
     varlen = enable_fast_attention(model) if options.padding_free else False
     if max_seq_len is None:
         max_seq_len = longest_example(train_dataset) if train_dataset is not None else 0
@@ -1070,6 +1172,8 @@ def apply_fast_path(
         lora_dropout=lora_dropout,
         compiled=options.compile,
         packed_mask=packed and lora_dropout > 0,
+        element_bytes=float(base.get_input_embeddings().weight.element_size()),
+        float32_masks=not _cuda(device),
     )
     set_checkpointed_layers(model, plan.checkpoint_layers)
     compiled = compile_layers(model) if options.compile else 0
@@ -1087,7 +1191,7 @@ def apply_fast_path(
     )
     if options.padding_free and collator is not None:
         collator = PaddingFreeCollator(collator)
-    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, packed)
+    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, packed, bits16 and fused > 0)
     log.info("fast path: %s", report.describe())
     return model, cfg, collator, report
 

@@ -70,8 +70,9 @@ def main(model_name: str, message: str, alias: str = "champion", max_tokens: int
     try:
         wait_healthy(url, proc, log)
         print("\n$ curl -s " + f"{url}/invocations -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}")
-        response = serving.ask(url, body)
-        print(json.dumps(response, indent=2))
+        answer = serving.ask(url, body, raw=True)
+        print(json.dumps(answer, indent=2))  # exactly what the curl above prints
+        response = answer[0] if isinstance(answer, list) else answer
         print(f"\nchampion's answer: {serving.reply_text(response)}")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -119,8 +119,9 @@ def chat_request(
     return body
 
 
-def ask(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
-    """POST a chat request to a `mlflow models serve` endpoint; the chat.completion response."""
+def ask(url: str, body: dict[str, Any], timeout_s: float = 120.0, raw: bool = False) -> Any:
+    """POST a chat request to a `mlflow models serve` endpoint; the chat.completion response
+    (raw: the body exactly as the server sent it, a one-element list)."""
     request = urllib.request.Request(
         f"{url.rstrip('/')}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
@@ -131,7 +132,7 @@ def ask(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, A
         detail = exc.read().decode(errors="replace")
         raise RuntimeError(f"{url}/invocations answered HTTP {exc.code}: {detail[:2000]}") from None
     # The scoring server returns the flavor's prediction list: one completion per request.
-    return answer[0] if isinstance(answer, list) else answer
+    return answer if raw else (answer[0] if isinstance(answer, list) else answer)
 
 
 def reply_text(response: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 128
@@ -357,7 +358,8 @@ class Runner:
 
 
 def measure_speed(
-    names: list[str], model: str, cache_dir: str, warmup: int, rounds: int, profile: list[str], quiet: Quiet, retries: int
+    names: list[str], model: str, cache_dir: str, warmup: int, rounds: int, profile: list[str], quiet: Quiet, retries: int,
+    after_round: Callable[[dict], None] = lambda speed: None,
 ) -> tuple[dict, dict]:
     """Phase 2: every variant loaded here, then rounds of one step each, in rotating order. A timed
     step during which other processes kept more than quiet.threshold cores busy is run again (up to
@@ -384,6 +386,8 @@ def measure_speed(
                 runner.step_s.append(elapsed)
                 runner.others.append(round(others, 3))
             print(f"round {index} {name}: {elapsed:.2f} s{' (warm-up)' if index < warmup else ''}", flush=True)
+        if index >= warmup:
+            after_round(speed_summary(runners))
     profiles = {}
     for name in profile:
         from torch.profiler import ProfilerActivity
@@ -396,11 +400,16 @@ def measure_speed(
             if others < quiet.threshold:
                 break
         profiles[name] = {**profile_summary(prof, elapsed), "other_processes_cores": round(others, 3)}
-    speed = {
+    return speed_summary(runners), profiles
+
+
+def speed_summary(runners: dict[str, Runner]) -> dict[str, dict[str, Any]]:
+    """Per variant: the timed steps, tokens/s from their median and from the fastest."""
+    return {
         name: {
             "step_s": [round(t, 3) for t in r.step_s],
-            "tokens_per_s_median": round(BATCH * SEQ_LEN / statistics.median(r.step_s), 1),
-            "tokens_per_s_best": round(BATCH * SEQ_LEN / min(r.step_s), 1),
+            "tokens_per_s_median": round(BATCH * SEQ_LEN / statistics.median(r.step_s), 1) if r.step_s else None,
+            "tokens_per_s_best": round(BATCH * SEQ_LEN / min(r.step_s), 1) if r.step_s else None,
             "torch_threads": r.threads,
             "other_processes_cores": r.others,
             "steps_run_again": r.rerun,
@@ -409,7 +418,50 @@ def measure_speed(
         }
         for name, r in runners.items()
     }
-    return speed, profiles
+
+
+# ---------------------------------------------------------------------------------------------
+# Single operations, at the shapes of one SmolLM2 layer with 8 x 128 tokens
+
+
+def micro_benchmarks(quiet: Quiet, repeats: int = 30) -> dict[str, Any]:
+    """Milliseconds (fastest of `repeats`, each after a wait for idle) for the operations the profile
+    points at, on torch's default threads and on one: dropout masks, the 4-bit dequantize against
+    the matmul it feeds, float32 against bfloat16 matmuls."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from qlora_pipeline.core.fast import bits16_dropout
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH * SEQ_LEN, 576, generator=gen)
+    weight = torch.randn(1536, 576, generator=gen)
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True, blocksize=64)
+    ops = {
+        "dropout nn.functional (peft's LoRA dropout), 1024 x 576": lambda: torch.nn.functional.dropout(x, 0.05, True),
+        "dropout torch.native_dropout, 1024 x 576": lambda: torch.native_dropout(x, 0.05, True),
+        "dropout bits16_dropout, 1024 x 576": lambda: bits16_dropout(x, 0.05),
+        "bernoulli_ alone, 1024 x 576": lambda: torch.empty_like(x).bernoulli_(0.95),
+        "dequantize_4bit NF4 + double quant, 1536 x 576": lambda: bnbf.dequantize_4bit(packed, state),
+        "matmul float32, 1024 x 576 x 1536": lambda: x @ weight.t(),
+        "matmul bfloat16, 1024 x 576 x 1536": lambda: x.bfloat16() @ weight.bfloat16().t(),
+    }
+    default_threads = torch.get_num_threads()
+    out: dict[str, Any] = {}
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        timings = {}
+        for name, fn in ops.items():
+            fn()
+            best = math.inf
+            for _ in range(repeats):
+                quiet.wait()
+                _, elapsed, _ = quiet.others_cores(fn)
+                best = min(best, elapsed)
+            timings[name] = round(best * 1e3, 3)
+        out[f"{threads}_threads"] = timings
+    torch.set_num_threads(default_threads)
+    return out
 
 
 # Operator groups for the profile, by name: where a CPU training step spends its time.
@@ -496,7 +548,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="model.name: a .gguf file or a safetensors model directory")
+    p.add_argument("--model", help="model.name: a .gguf file or a safetensors model directory")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "qlora-cpu-bench"), help="where a .gguf is converted")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--memory-steps", type=int, default=2, help="train_adapter steps per variant in phase 1 (0: skip phase 1)")
@@ -506,8 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet-cores", type=float, default=0.15, help="timed steps wait for, and are re-run unless, other processes use fewer cores")
     p.add_argument("--max-wait-s", type=float, default=900.0, help="longest wait for other processes to go idle before a step")
     p.add_argument("--retries", type=int, default=3, help="re-runs of a timed step that other processes disturbed")
+    p.add_argument("--micro-only", action="store_true", help="only the single-operation timings (micro_benchmarks)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_bench.json"))
     args = p.parse_args(argv)
+    if not args.model and not args.micro_only:
+        p.error("--model is required")
     sys.path.insert(0, str(REPO / "src"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -518,6 +573,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     if set(profile) - set(names):
         p.error("--profile must name variants from --variants")
+    if args.micro_only:
+        quiet = Quiet(args.quiet_cores, args.max_wait_s)
+        micro = micro_benchmarks(quiet)
+        report = {"command": "python benchmarks/cpu_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "environment": environment(), "quiet_cores": args.quiet_cores, "micro_ms": micro}
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        for threads, timings in micro.items():
+            print(threads)
+            for name, ms in timings.items():
+                print(f"  {name:60s} {ms:9.3f} ms")
+        return 0
     model = str(Path(args.model).expanduser().resolve())
     from qlora_pipeline.core.model import resolve_model
 
@@ -526,29 +592,38 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     memory = measure_memory(names, model, args.cache_dir, args.memory_steps) if args.memory_steps else {}
     quiet = Quiet(args.quiet_cores, args.max_wait_s)
-    speed, profiles = measure_speed(names, model, args.cache_dir, args.warmup, args.rounds, profile, quiet, args.retries)
-    results = [{"variant": n, "what": VARIANTS[n][1], "overrides": VARIANTS[n][0], **memory.get(n, {}), **speed[n]} for n in names]
-    base = next((r for r in results if r["variant"] == "today"), None)
-    if base:
-        for r in results:
-            r["speed_vs_today_median"] = round(r["tokens_per_s_median"] / base["tokens_per_s_median"], 2)
-            r["speed_vs_today_best"] = round(r["tokens_per_s_best"] / base["tokens_per_s_best"], 2)
-    report = {
-        "command": "python benchmarks/cpu_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "batch": f"{BATCH} x {SEQ_LEN} tokens",
-        "warmup_rounds": args.warmup,
-        "timed_rounds": args.rounds,
-        "memory_steps": args.memory_steps,
-        "environment": env,
-        "load_average_1min_at_end": os.getloadavg()[0],
-        "quiet_cores": args.quiet_cores,
-        "waited_for_quiet_s": round(quiet.waited_s, 1),
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "results": results,
-        "profiles": profiles,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    def write(speed: dict, profiles: dict, complete: bool) -> list[dict[str, Any]]:
+        results = [{"variant": n, "what": VARIANTS[n][1], "overrides": VARIANTS[n][0], **memory.get(n, {}), **speed[n]} for n in names]
+        base = next((r for r in results if r["variant"] == "today"), None)
+        if base and base["tokens_per_s_median"]:
+            for r in results:
+                r["speed_vs_today_median"] = round(r["tokens_per_s_median"] / base["tokens_per_s_median"], 2)
+                r["speed_vs_today_best"] = round(r["tokens_per_s_best"] / base["tokens_per_s_best"], 2)
+        report = {
+            "command": "python benchmarks/cpu_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "complete": complete,
+            "batch": f"{BATCH} x {SEQ_LEN} tokens",
+            "warmup_rounds": args.warmup,
+            "timed_rounds": args.rounds,
+            "memory_steps": args.memory_steps,
+            "environment": env,
+            "load_average_1min_at_end": os.getloadavg()[0],
+            "quiet_cores": args.quiet_cores,
+            "waited_for_quiet_s": round(quiet.waited_s, 1),
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "results": results,
+            "profiles": profiles,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        return results
+
+    speed, profiles = measure_speed(
+        names, model, args.cache_dir, args.warmup, args.rounds, profile, quiet, args.retries,
+        after_round=lambda partial: write(partial, {}, False),
+    )
+    results = write(speed, profiles, True)
     print(table(results))
     for name, prof in profiles.items():
         print(f"\nprofile of one {name} step ({prof['step_s']} s):")

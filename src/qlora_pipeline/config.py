@@ -258,7 +258,7 @@ class TrainConfig(_Section):
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = "adamw_torch"
     gradient_checkpointing: bool | int | Literal["auto"] = "auto"
     """Recompute activations in the backward: true (every decoder layer), false, a number of layers,
-    or auto (on a GPU as few layers as memory_budget_gib needs; on a CPU every layer)."""
+    or auto (as few layers as memory_budget_gib needs: GPU memory, or RAM on a CPU)."""
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)

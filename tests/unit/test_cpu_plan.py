@@ -102,18 +102,18 @@ def test_an_explicit_setting_is_kept_on_a_cpu(tiny_model, monkeypatch, setting, 
 
 
 def test_cpu_estimate_tracks_the_measured_rss():
-    # benchmarks/results/cpu_bench.json: SmolLM2-135M, float32, 8 x 128 tokens, LoRA r 16 on every
-    # linear layer with dropout 0.05, fused LoRA: RSS added while training (GiB) by recomputed layers
+    # benchmarks/results/cpu_bench.json ("default" and "default_recompute"): SmolLM2-135M, float32,
+    # 8 x 128 tokens, LoRA r 16 on every linear layer with dropout 0.05, fused LoRA: RSS added while
+    # training (GiB) by the number of recomputed layers
     dims = fast.ModelDims.from_config(
         LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64)
     )
     trainable_bytes = 30 * 16 * (2 * 1152 + 2 * 768 + 3 * 2112) * 4  # r x (in + out) per layer, float32
-    measured = {0: 3.23, 30: 0.93}
+    measured = {0: 3.17, 30: 0.80}
     for layers, gib in measured.items():
         est = fast.estimate_peak_bytes(dims, 8 * 128, layers, 3 * trainable_bytes, liger=False, lora_dropout=0.05, element_bytes=4.0, float32_masks=True)
-        # within the slack that half the available RAM leaves
-        assert 0.8 * gib <= est / GIB <= 1.25 * gib, (layers, est / GIB)
+        assert 0.9 * gib <= est / GIB <= 1.1 * gib, (layers, est / GIB)
 
 
 def test_bits16_dropout_drops_p_of_the_elements_and_keeps_the_mean():

@@ -27,15 +27,16 @@ peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
   4 x 2048 tokens (10,627 vs 11,060 tokens/s before the sibling groups), though it peaked lower (9.4
   vs 13.2 GiB). Hence off by default.
 
-On a CPU (benchmarks/README.md, "CPU": SmolLM2-135M, 8 x 128 tokens, 2 cores) the memory plan
-and fused LoRA run too (their `auto` includes the CPU); the rest stays off:
+On a CPU the memory plan and fused LoRA run too (their `auto` includes the CPU); the rest stays
+off. SmolLM2-135M, 8 x 128 tokens, 2 cores (benchmarks/README.md, "CPU"): 199 tokens/s against 98
+with every layer recomputed and peft's LoRA layers, as the CPU trained before:
 
 - memory plan against RAM: `gradient_checkpointing: auto` recomputes as few layers as fit in
   `memory_budget_gib` (auto: half the RAM available when training starts), so with RAM to spare
-  nothing is recomputed (recompute costs a third more work per step);
+  nothing is recomputed (every layer recomputed: 144 tokens/s);
 - fused LoRA, its dropout masks drawn 16 random bits per element (bits16_dropout): torch's CPU
-  dropout draws one 32-bit number per element in a serial loop, which was the largest cost after
-  the matmuls.
+  dropout draws one 32-bit number per element in a serial loop, 24% of a step before (fused LoRA
+  with torch's masks: 155 tokens/s).
 
 Imports only torch / transformers / peft (liger-kernel and triton when installed): runs on a bare
 GPU box.
@@ -178,8 +179,13 @@ def available_ram_bytes() -> int:
 
 
 def default_cpu_memory_budget_gib(fraction: float = 0.5) -> float:
-    """Half the RAM available now: the extra memory a CPU training step may take on top of the
-    loaded model (RSS also holds allocator slack, and other processes need room)."""
+    """Half the RAM available now: what a CPU training step may add to the loaded model's RSS.
+
+    The plan's estimate came within 3% of the RSS that training added with fused LoRA (SmolLM2-135M,
+    8 x 128 tokens: 3.25 GiB estimated, 3.17 measured with no layer recomputed; 0.79 and 0.80 with
+    all), but peft's own LoRA layers added 2.54 GiB where 0.79 was estimated: freed memory the
+    allocator keeps (benchmarks/README.md, "CPU"). The other half covers that and other processes.
+    """
     return fraction * available_ram_bytes() / GIB
 
 
@@ -627,11 +633,13 @@ def bits16_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     """Dropout on the CPU with a keep mask drawn from 16 random bits per element.
 
     torch's CPU bernoulli_ (behind nn.Dropout and native_dropout) draws one 32-bit number per element
-    in a serial loop: 7.4 ms for a 1024 x 576 input on one core of the benchmark's CPU, a quarter of a
-    training step's time with peft's LoRA (benchmarks/README.md, "CPU"). Here each 64-bit draw of
-    torch's own generator (so seeds and checkpoint recompute behave as usual) gives four elements.
-    Returns x * mask and the mask: float32, keep / (1 - p') with p' the realised drop probability,
-    so the backward is one in-place multiply (a bool mask costs a conversion each time).
+    in a serial loop: 4.0 ms for a 1024 x 576 input on the benchmark's CPU, on one thread or two,
+    half the time of the 1024 x 576 x 1536 matmul beside it (7.9 ms). Here each 64-bit draw of
+    torch's own generator (so seeds and checkpoint recompute behave as usual) gives four elements:
+    2.2 ms with the mask made and applied, against 5.1 ms for nn.functional.dropout
+    (benchmarks/results/cpu_micro.json). Returns x * mask and the mask: float32, keep / (1 - p')
+    with p' the realised drop probability, so the backward is one in-place multiply (a bool mask
+    costs a conversion each time).
     """
     n = x.numel()
     drop = bits16_drop_count(p)

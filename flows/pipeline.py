@@ -11,6 +11,8 @@ A flow run
    brings back the outputs of stages an earlier run already ran with the same inputs;
 3. runs each stage as a task through DVC, which decides what is stale and records lineage in
    dvc.lock; the GPU stages hold a global concurrency slot, so one GPU never trains twice at once;
+   the MLflow run gets the DVC experiment's name (`<flow run name>-<id8>`) and the flow run's tags,
+   and the flow run is tagged with the MLflow run's id;
 4. saves the result as a DVC experiment and publishes a markdown artifact with the metrics, the
    registered version, and links to the MLflow run and the experiment.
 
@@ -28,7 +30,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from uuid import UUID
 
+import httpx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -49,6 +53,15 @@ STAGES = ("prepare", "train", "evaluate", "register")
 GPU_STAGES = ("train", "evaluate", "register")  # register merges and scores the model
 GPU_LIMIT_ENV = "QLORA_GPU_LIMIT"
 ARTIFACT_KEY = "qlora-pipeline-run"
+RUN_NAME_ENV = "QLORA_RUN_NAME"  # the train stage names its MLflow run after it
+RUN_INFO = "models/adapter/run.json"  # the train stage's MLflow run id and experiment id
+# The stage outputs the summary reads, each from the first of its files that exists.
+SUMMARY_INPUTS = {
+    "run_info": (RUN_INFO,),
+    "eval_metrics": ("metrics/eval.json",),
+    # metrics/register.json holds numbers only; commits from before reports/ had the record there
+    "register": ("reports/register.json", "metrics/register.json"),
+}
 DEFAULT_TIMEOUTS_S = {
     "prepare": 2 * 3600,
     "train": 48 * 3600,
@@ -157,9 +170,8 @@ def save_experiment(ws: Workspace) -> str:
 @task(name="publish-summary", cache_policy=NO_CACHE, timeout_seconds=300)
 def publish_summary(record: RunRecord, ws: Workspace) -> dict[str, Any]:
     """Read the stages' outputs and publish the run's markdown artifact."""
-    for attr, rel in (("run_info", "models/adapter/run.json"), ("eval_metrics", "metrics/eval.json"), ("register", "metrics/register.json")):
-        path = ws.path / rel
-        if path.is_file():
+    for attr, candidates in SUMMARY_INPUTS.items():
+        if path := next((ws.path / rel for rel in candidates if (ws.path / rel).is_file()), None):
             setattr(record, attr, json.loads(path.read_text()))
     markdown = render(record)
     create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description=f"QLoRA pipeline run {record.flow_run_name}")
@@ -208,6 +220,21 @@ def _timeouts(overrides: dict[str, float] | None) -> dict[str, float]:
     if unknown:
         raise ValueError(f"timeouts_s: unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
     return {**DEFAULT_TIMEOUTS_S, **(overrides or {})}
+
+
+def tag_flow_run(run_id: str, ws: Workspace) -> None:
+    """Tag the flow run with its DVC experiment and the MLflow run the train stage made, so each
+    side names the other (the MLflow run already carries the flow run's id in QLORA_TAGS)."""
+    tags = [f"dvc.experiment:{ws.experiment}"]
+    if (info := ws.path / RUN_INFO).is_file():
+        tags.append(f"mlflow.run_id:{json.loads(info.read_text())['run_id']}")
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(UUID(run_id)).tags
+            # the API replaces the whole list
+            client.update_flow_run(UUID(run_id), tags=[*current, *(t for t in tags if t not in current)])
+    except httpx.HTTPError as exc:  # a convenience: the artifact links the same runs
+        get_run_logger().warning("could not tag the flow run with %s: %s", ", ".join(tags), exc)
 
 
 def _flow_run_tags(run_id: str, run_name: str, experiment: str) -> dict[str, str]:
@@ -259,6 +286,7 @@ def qlora_pipeline(
         extra_env = {
             "MLFLOW_TRACKING_URI": uri,  # the project's store, not one inside the checkout
             "QLORA_TAGS": json.dumps(_flow_run_tags(run_id, run_name, experiment)),
+            RUN_NAME_ENV: experiment,  # the MLflow run is named as the DVC experiment: <flow run name>-<id8>
         }
         limit = gpu_limit_name()
         ensure_limit(limit)
@@ -269,6 +297,8 @@ def qlora_pipeline(
                     record.stages.append(stage_task(ws, extra_env, force))
             else:
                 record.stages.append(stage_task(ws, extra_env, force))
+            if stage == "train" and flow_run.id:
+                tag_flow_run(flow_run.id, ws)
         record.experiment_commit = save_experiment(ws)
         return publish_summary(record, ws)
     finally:

@@ -1,6 +1,6 @@
 """Run the pipeline flow once, now, in this process.
 
-    python -m flows.run -S model.name=builtin:tiny-llama -S train.max_steps=10
+    python -m flows.run -S model.name=builtin:tiny-llama -S train.max_steps=10   # registers qlora-tiny-llama
     python -m flows.run --force --keep-workspace
 
 With PREFECT_API_URL set it reports to that server (start one with scripts/prefect-server.sh);

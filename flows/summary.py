@@ -30,7 +30,8 @@ class RunRecord:
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     """metrics/eval.json"""
     register: dict[str, Any] = field(default_factory=dict)
-    """metrics/register.json"""
+    """reports/register.json: the registered name, version, gate verdict and reason (metrics/register.json,
+    numbers only, where a register stage wrote no report)."""
     tracking_uri: str = ""
     git_remote: str | None = None
     reused_from: str | None = None
@@ -91,7 +92,7 @@ def render(record: RunRecord) -> str:
 
     if reg:
         name, version = reg.get("model_name"), reg.get("version")
-        version_link = f"[{name} v{version}]({mlflow_version_url(record.tracking_uri, name, version)})"
+        version_link = f"[{name} v{version}]({mlflow_version_url(record.tracking_uri, name, version)})" if name else f"v{version}"
         if reg.get("promoted"):
             verdict = "**promoted to `champion`**"
         elif reg.get("champion_version") == version:

@@ -68,19 +68,32 @@ def runs_dir(project: Path) -> Path:
     return Path(configured).expanduser().resolve() if configured else project / ".prefect" / "runs"
 
 
-def _run(cmd: list[str], cwd: Path, timeout_s: float = GIT_TIMEOUT_S) -> str:
+def _run_bytes(cmd: list[str], cwd: Path, timeout_s: float = GIT_TIMEOUT_S) -> bytes:
     try:
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise WorkspaceError(f"`{' '.join(cmd)}` in {cwd} took longer than {timeout_s:.0f}s") from None
     if out.returncode != 0:
-        detail = (out.stderr or out.stdout).strip()
+        detail = os.fsdecode(out.stderr or out.stdout).strip()
         raise WorkspaceError(f"`{' '.join(cmd)}` in {cwd} failed (exit {out.returncode}): {detail}")
-    return out.stdout.strip()
+    return out.stdout
+
+
+def _run(cmd: list[str], cwd: Path, timeout_s: float = GIT_TIMEOUT_S) -> str:
+    """stdout without surrounding whitespace: for one value (a sha, a path, JSON) or lines of refs.
+
+    Output where blanks or columns carry meaning (`git status`, file names) goes through git_entries.
+    """
+    return os.fsdecode(_run_bytes(cmd, cwd, timeout_s)).strip()
 
 
 def git(project: Path, *args: str) -> str:
     return _run(["git", *args], project)
+
+
+def git_entries(cwd: Path, *args: str) -> list[str]:
+    """The NUL-separated entries of a `git ... -z` command, unstripped and unquoted, as Python names files."""
+    return [os.fsdecode(entry) for entry in _run_bytes(["git", *args], cwd).split(b"\0") if entry]
 
 
 def dvc(cwd: Path, *args: str) -> str:
@@ -120,9 +133,25 @@ def validate_overrides(project: Path, commit: str, overrides: dict[str, Any]) ->
 
 
 def uncommitted_changes(project: Path) -> list[str]:
-    """Tracked files with changes that a run of HEAD will not see."""
-    out = git(project, "status", "--porcelain", "--untracked-files=no")
-    return [line[3:] for line in out.splitlines() if line.strip()]
+    """Tracked files with changes, staged or not, that a run of HEAD will not see."""
+    return status_paths(git_entries(project, "status", "--porcelain=v1", "-z", "--untracked-files=no"))
+
+
+def status_paths(entries: list[str]) -> list[str]:
+    """The paths in `git status --porcelain=v1 -z` entries; for a rename or copy, the new path.
+
+    Each entry is `XY path` (X: the index, Y: the working tree, either may be a blank); a rename
+    or copy is `XY new` followed by an entry holding the path it came from.
+    """
+    paths = []
+    rest = iter(entries)
+    for entry in rest:
+        if len(entry) < 4 or entry[2] != " ":
+            raise WorkspaceError(f"unexpected `git status --porcelain=v1 -z` entry {entry!r}")
+        paths.append(entry[3:])
+        if "R" in entry[:2] or "C" in entry[:2]:
+            next(rest, None)  # the path it was renamed or copied from
+    return paths
 
 
 def create(project: Path, run_id: str, commit: str, experiment: str) -> Workspace:
@@ -165,8 +194,8 @@ def _checkout_data(ws: Workspace) -> tuple[str, ...]:
     from the project's working tree, and `dvc exp save` records it with the experiment.
     """
     # git pathspecs: `*` spans folders, so *.dvc finds data/raw.dvc.
-    committed = set(git(ws.path, "ls-files", "*.dvc").split())
-    in_project = set(git(ws.project, "ls-files", "--cached", "--others", "--exclude-standard", "*.dvc").split())
+    committed = set(git_entries(ws.path, "ls-files", "-z", "*.dvc"))
+    in_project = set(git_entries(ws.project, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "*.dvc"))
     uncommitted = sorted(p for p in in_project - committed if (ws.project / p).is_file())
     for rel in uncommitted:
         (ws.path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +305,7 @@ def _try_lock(ws: Workspace, source: str, own: str | None, order: list[str]) -> 
             text = own or ""
         else:
             text = git(ws.project, "show", f"{source}:dvc.lock") + "\n"
-            committed = set(git(ws.project, "ls-tree", "-r", "--name-only", source).splitlines())
+            committed = set(git_entries(ws.project, "ls-tree", "-r", "-z", "--name-only", source))
             for rel in uncached_outputs(ws):
                 if rel in committed:
                     (ws.path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -310,10 +339,7 @@ def _only_missing_outputs(changes: Any) -> bool:
 
 
 def _blob(project: Path, sha: str, rel: str) -> bytes:
-    out = subprocess.run(["git", "show", f"{sha}:{rel}"], cwd=project, capture_output=True, timeout=GIT_TIMEOUT_S)
-    if out.returncode != 0:
-        raise WorkspaceError(f"`git show {sha[:10]}:{rel}` failed: {out.stderr.decode(errors='replace').strip()}")
-    return out.stdout
+    return _run_bytes(["git", "show", f"{sha}:{rel}"], project)
 
 
 def save_experiment(ws: Workspace) -> str:

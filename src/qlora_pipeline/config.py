@@ -10,6 +10,7 @@ out of range fails before any work starts, naming the key and what is allowed.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -262,6 +263,11 @@ class TrainConfig(_Section):
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
+    eval_steps: int = Field(0, ge=0)
+    """0: off. Else the loss on the eval split every eval_steps optimizer steps and at the last step
+    (logged as eval_loss: MLflow, plots/train_loss.png), and the adapter saved is the checkpoint with
+    the lowest eval loss, not the last one (metrics/train.json: best_step, best_eval_loss). save_steps must then be a multiple of eval_steps (the Trainer's rule for keeping the
+    best checkpoint); a new best is saved whenever it is evaluated, so none is lost between saves."""
     seed: int = 42
     num_threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default."""
@@ -299,6 +305,19 @@ class TrainConfig(_Section):
             raise ValueError("must be auto or a positive number of GiB, e.g. 14")
         return v
 
+    @model_validator(mode="after")
+    def _eval_fits_schedule(self) -> "TrainConfig":
+        if not self.eval_steps:
+            return self
+        if self.save_steps % self.eval_steps:
+            lower = self.save_steps // self.eval_steps * self.eval_steps
+            options = f"{lower} or {lower + self.eval_steps}" if lower else f"{self.eval_steps}"
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) so that the best "
+                f"checkpoint can be kept; set save_steps to {options}, or eval_steps to a divisor of {self.save_steps}"
+            )
+        return self
+
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(8, ge=1)
@@ -311,8 +330,19 @@ class EvaluateConfig(_Section):
     """Extra free-form prompts generated from both base and tuned models."""
 
 
+def registered_name(model_name: str) -> str:
+    """The registry name `register.model_name: auto` stands for: `qlora-` + the base model's file or
+    repo name, lower-cased, e.g. facebook/opt-125m -> qlora-opt-125m, builtin:tiny-llama ->
+    qlora-tiny-llama, base_models/SmolLM2-135M-Instruct.Q4_1.gguf -> qlora-smollm2-135m-instruct-q4_1.
+    A test model therefore never lands under a real model's name."""
+    base = model_name.removeprefix(BUILTIN_PREFIX).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    base = base.removesuffix(".gguf")
+    return "qlora-" + (re.sub(r"[^a-z0-9_-]+", "-", base.lower()).strip("-") or "model")
+
+
 class RegisterConfig(_Section):
-    model_name: str = Field("qlora-opt-125m", min_length=1)
+    model_name: str = Field("auto", min_length=1)
+    """The registered model's name; auto: registered_name(model.name)."""
     metric: Literal["eval_loss", "perplexity", "exact_match", "chrf"] = "eval_loss"
     """The promotion metric; loss and perplexity: lower is better; exact_match, chrf: higher."""
     min_improvement: float = Field(0.0, ge=0.0)
@@ -347,6 +377,17 @@ with warnings.catch_warnings():
         evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
         register: RegisterConfig = Field(default_factory=RegisterConfig)
         tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+        @model_validator(mode="before")
+        @classmethod
+        def _resolve_model_name(cls, raw: Any) -> Any:
+            register = raw.get("register", {}) if isinstance(raw, dict) else None
+            if isinstance(register, dict) and register.get("model_name", "auto") == "auto":
+                model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+                name = model.get("name", ModelConfig.model_fields["name"].default)
+                if isinstance(name, str):
+                    raw = {**raw, "register": {**register, "model_name": registered_name(name)}}
+            return raw
 
         def flat(self) -> dict[str, Any]:
             """Resolved params as dotted keys, for MLflow params and lineage tags."""

@@ -89,15 +89,30 @@ def extra_tags() -> dict[str, str]:
     return {str(k): str(v) for k, v in tags.items()}
 
 
-def git_commit(root: Path) -> str:
+def git_commit(root: Path, captured_by: str | None = None) -> str:
+    """HEAD's commit, with `-dirty` when tracked files differ from it, unless captured_by names
+    the DVC experiment that commits those changes (its commit holds exactly what ran)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if out.returncode != 0:
         return "unknown"
+    if captured_by:
+        return out.stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def dvc_experiment() -> str | None:
+    """The DVC experiment this stage runs in: DVC's DVC_EXP_NAME under `dvc exp run` (workspace,
+    --temp or queue), or the name an orchestrator saves the run under (QLORA_TAGS["dvc.experiment"])."""
+    return os.environ.get("DVC_EXP_NAME") or extra_tags().get("dvc.experiment") or None
+
+
+def run_name(default: str) -> str:
+    """The MLflow run's name: the orchestrator's (QLORA_RUN_NAME), else the DVC experiment's."""
+    return os.environ.get("QLORA_RUN_NAME") or dvc_experiment() or default
 
 
 def dvc_data_hash(root: Path, stage: str = "prepare", dep: str = "data/raw") -> str:
@@ -113,8 +128,18 @@ def dvc_data_hash(root: Path, stage: str = "prepare", dep: str = "data/raw") -> 
 
 
 def lineage_tags(paths: ProjectPaths, cfg: PipelineConfig, base_revision: str) -> dict[str, str]:
+    """git commit (+ DVC experiment), data hash, base model and revision, orchestrator tags.
+
+    Under `dvc exp run` the experiment's params change the work tree: the commit recorded is the
+    experiment's baseline (DVC_EXP_BASELINE_REV) and `dvc_experiment` names the experiment, whose
+    commit (`dvc exp show`, `dvc exp apply <name>`) holds the exact params and dvc.lock.
+    """
+    experiment = dvc_experiment()
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV") if os.environ.get("DVC_EXP_NAME") else None
+    tags = {"dvc_experiment": experiment} if experiment else {}
     return {
-        "git_commit": git_commit(paths.root),
+        **tags,
+        "git_commit": baseline or git_commit(paths.root, captured_by=experiment),
         "dvc_data_hash": dvc_data_hash(paths.root, dep=cfg.data.raw_path),
         "base_model": cfg.model.name,
         "base_model_revision": base_revision,
@@ -149,7 +174,19 @@ def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
         mlflow.end_run("FAILED")
         raise
     else:
+        _clear_failure(run.info.run_id)
         mlflow.end_run("FINISHED")
+
+
+def _clear_failure(run_id: str) -> None:
+    """A finished attempt supersedes a failed one: its reason moves to previous_failure_reason."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    reason = client.get_run(run_id).data.tags.get("failure_reason")
+    if reason is not None:
+        client.set_tag(run_id, "previous_failure_reason", reason)
+        client.delete_tag(run_id, "failure_reason")
 
 
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
@@ -199,6 +236,50 @@ def alias_version(client, model_name: str, alias: str):
         return client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None
+
+
+PROMOTION_LOCK_TIMEOUT_S = 3600.0  # a registration waits this long for another one's decision
+
+
+def promotion_lock_path(model_name: str) -> Path:
+    """One lock file per registered model name for every project and store on this host.
+
+    Keyed by the name alone: two stores holding the same name share a lock, which costs a wait,
+    never a wrong decision. Set QLORA_LOCK_DIR to share it over a network file system.
+    """
+    import hashlib
+    import tempfile
+
+    folder = Path(os.environ.get("QLORA_LOCK_DIR") or Path(tempfile.gettempdir()) / "qlora-locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"promote-{hashlib.sha256(model_name.encode()).hexdigest()[:16]}.lock"
+
+
+@contextmanager
+def promotion_lock(model_name: str, timeout_s: float = PROMOTION_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Held from reading the champion to moving the alias, so no decision is made on a stale one.
+
+    Raises:
+        RegistryError: another registration held the lock for longer than timeout_s.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(promotion_lock_path(model_name)))
+    try:
+        lock.acquire(timeout=1.0)
+    except Timeout:
+        log.info("waiting for another registration of %s to finish its promotion decision", model_name)
+        try:
+            lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise RegistryError(
+                f"another registration of {model_name} held the promotion lock {lock.lock_file} for over "
+                f"{timeout_s:.0f}s; if no qlora register is running, delete that file and run register again"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def promote(client, model_name: str, version: str, reason: str) -> None:

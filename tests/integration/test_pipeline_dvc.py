@@ -12,6 +12,13 @@ from .conftest import SECRETS, SERVER_ROOTS, run
 
 pytestmark = pytest.mark.integration
 
+# metrics/register.json holds numbers only (so `dvc exp show` shows comparable columns); the text
+# (model name, run id, reason) is in reports/register.json.
+NUMERIC_REGISTER_KEYS = {
+    "version", "promoted", "champion_version", "challenger_score", "champion_score", "beats_base",
+    "beats_champion", "merge_max_abs_logit_diff", "merge_relative_diff",
+}
+
 
 def test_every_format_went_through(pipeline):
     project, _, _ = pipeline
@@ -30,7 +37,7 @@ def test_repro_writes_every_output(pipeline):
         "models/adapter/adapter_model.safetensors", "models/adapter/adapter_config.json",
         "models/adapter/tokenizer.json", "models/adapter/run.json", "metrics/train.json",
         "plots/train_loss.csv", "plots/token_lengths.csv", "metrics/eval.json", "reports/samples.md",
-        "models/merged/model.safetensors", "metrics/register.json", "dvc.lock",
+        "models/merged/model.safetensors", "metrics/register.json", "reports/register.json", "dvc.lock",
     ):
         assert (project / rel).is_file(), rel
     assert not list((project / "models").rglob("*.bin")) and not list((project / "models").rglob("*.pt"))
@@ -52,7 +59,7 @@ def test_registered_version_has_aliases_and_lineage(pipeline, mlflow_server):
     from mlflow import MlflowClient
 
     project, _, _ = pipeline
-    register = json.loads((project / "metrics/register.json").read_text())
+    register = json.loads((project / "reports/register.json").read_text())
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version("qlora-test", str(register["version"]))
     assert client.get_model_version_by_alias("qlora-test", "challenger").version == version.version
@@ -101,7 +108,7 @@ def test_no_secret_is_recorded_anywhere(pipeline, mlflow_server):
     for needle in needles:
         assert needle not in first.stdout + first.stderr
     client = MlflowClient(tracking_uri=mlflow_server)
-    register = json.loads((project / "metrics/register.json").read_text())
+    register = json.loads((project / "reports/register.json").read_text())
     record = client.get_run(register["run_id"]).data
     dumped = json.dumps([record.params, record.tags, client.get_model_version("qlora-test", str(register["version"])).tags])
     for needle in needles:
@@ -135,12 +142,25 @@ def test_second_repro_runs_nothing(pipeline, mlflow_server):
 
 
 def test_changing_a_train_param_reruns_train_not_prepare(pipeline, mlflow_server):
+    from mlflow import MlflowClient
+
     project, env, _ = pipeline
-    result = run(["dvc", "exp", "run", "-S", "train.learning_rate=0.002"], project, env)
+    head = run(["git", "rev-parse", "HEAD"], project, env).stdout.strip()
+    result = run(["dvc", "exp", "run", "-n", "lr-002", "-S", "train.learning_rate=0.002"], project, env)
     out = result.stdout
     assert "Running stage 'prepare'" not in out
     for stage in ("train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
-    register = json.loads((project / "metrics/register.json").read_text())
+    register = json.loads((project / "reports/register.json").read_text())
     assert register["version"] == 2
     assert register["champion_version"] == (2 if register["promoted"] else 1)
+    assert set(json.loads((project / "metrics/register.json").read_text())) <= NUMERIC_REGISTER_KEYS
+    # Lineage that resolves: the run is named after the experiment, the commit is its baseline.
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    mlflow_run = client.get_run(register["run_id"])
+    assert mlflow_run.info.run_name == "lr-002"
+    assert mlflow_run.data.tags["dvc_experiment"] == "lr-002"
+    assert mlflow_run.data.tags["git_commit"] == head  # not "-dirty": the experiment holds the params
+    version_tags = client.get_model_version("qlora-test", "2").tags
+    assert version_tags["dvc_experiment"] == "lr-002" and version_tags["git_commit"] == head
+    assert "lr-002" in run(["dvc", "exp", "list", "--name-only"], project, env).stdout.split()

@@ -123,7 +123,7 @@ def test_eval_loss_goes_down_and_merge_matches(real_run):
     project, _, _ = real_run
     metrics = json.loads((project / "metrics" / "eval.json").read_text())
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
-    reg = json.loads((project / "metrics" / "register.json").read_text())
+    reg = json.loads((project / "reports" / "register.json").read_text())
     assert reg["version"] == 1 and reg["promoted"] is True
     assert 0 <= reg["merge_relative_diff"] <= 0.02
 

@@ -136,11 +136,11 @@ def test_register_twice_creates_no_second_version(registered, mlflow_server):
     from mlflow import MlflowClient
 
     project, env = registered
-    first = json.loads((project / "metrics/register.json").read_text())
+    first = json.loads((project / "reports/register.json").read_text())
     client = MlflowClient(tracking_uri=mlflow_server)
     before = len(client.search_model_versions("name='qlora-test'"))
     run(["qlora", "register"], project, env)
-    second = json.loads((project / "metrics/register.json").read_text())
+    second = json.loads((project / "reports/register.json").read_text())
     assert second["version"] == first["version"]
     assert len(client.search_model_versions("name='qlora-test'")) == before
 

@@ -1,15 +1,17 @@
-"""The promotion gate: beat the base and the champion on the configured metric, by the margin."""
+"""The promotion gate: beat the base and the champion on the configured metric, by the margin;
+a version is never its own rival; promotion decisions on one model name never interleave."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import math
+import multiprocessing
+import time
 
 import pytest
 
-from qlora_pipeline.config import RegisterConfig
-from qlora_pipeline.stages.register import gate
-
-CHAMPION = SimpleNamespace(version="3")
+from qlora_pipeline.config import RegisterConfig, validate_params
+from qlora_pipeline.core.gate import Contest, decide
+from qlora_pipeline.errors import NonFiniteMetricError
 
 
 @pytest.mark.parametrize(
@@ -28,9 +30,69 @@ CHAMPION = SimpleNamespace(version="3")
 )
 def test_gate(metric, margin, tuned, base, challenger, champion_score, promoted):
     reg = RegisterConfig(metric=metric, min_improvement=margin)
-    metrics = {metric: tuned, f"base_{metric}": base}
-    champion = CHAMPION if champion_score is not None else None
-    decision, beats_base, beats_champion, reason = gate(reg, metrics, challenger, champion, champion_score)
-    assert decision is promoted
-    assert decision == (beats_base and beats_champion)
-    assert reason.startswith(f"{metric}: tuned") and ("v3" in reason) == (champion is not None)
+    rival = Contest("3", champion_score) if champion_score is not None else Contest()
+    decision = decide(reg, tuned, base, challenger, rival)
+    assert decision.promote is promoted
+    assert decision.promote == (decision.beats_base and decision.beats_champion is not False)
+    assert decision.beats_champion is (None if champion_score is None else decision.beats_champion)
+    assert decision.reason.startswith(f"{metric}: tuned") and ("v3" in decision.reason) == (champion_score is not None)
+
+
+def test_a_version_is_never_its_own_rival():
+    """Re-registering the champion's training run: no comparison with itself, no 'beats' verdict."""
+    reg = RegisterConfig()
+    decision = decide(reg, 6.2011, 7.0, 6.2011, Contest("1", None, is_champion=True))
+    assert decision.promote is False and decision.beats_champion is None
+    assert "v1 is the champion already; not compared with itself" in decision.reason
+
+
+def test_a_champion_that_does_not_load_loses_to_a_challenger_that_beats_the_base():
+    decision = decide(RegisterConfig(), 2.0, 3.0, 2.0, Contest("4", None))
+    assert decision.promote is True and "v4 (does not load)" in decision.reason
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_scores_are_refused(bad):
+    with pytest.raises(NonFiniteMetricError, match="champion v2 eval_loss is"):
+        decide(RegisterConfig(), 2.0, 3.0, 2.0, Contest("2", bad))
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("facebook/opt-125m", "qlora-opt-125m"),
+        ("builtin:tiny-llama", "qlora-tiny-llama"),
+        ("base_models/SmolLM2-135M-Instruct.Q4_1.gguf", "qlora-smollm2-135m-instruct-q4_1"),
+        ("/models/My Llama 3/", "qlora-my-llama-3"),
+    ],
+)
+def test_auto_registry_name_follows_the_base_model(model, expected):
+    """A toy model is never registered under a real model's name by default."""
+    assert validate_params({"model": {"name": model}}).register.model_name == expected
+    assert validate_params({"model": {"name": model}, "register": {"model_name": "mine"}}).register.model_name == "mine"
+
+
+def _hold_lock(name: str, lock_dir: str, hold_s: float, events) -> None:
+    import os
+
+    os.environ["QLORA_LOCK_DIR"] = lock_dir
+    from qlora_pipeline.tracking import promotion_lock
+
+    with promotion_lock(name):
+        events.put(("in", time.monotonic()))
+        time.sleep(hold_s)
+        events.put(("out", time.monotonic()))
+
+
+def test_promotion_lock_serialises_processes(tmp_path):
+    """Two processes deciding on one model name: the second enters only after the first left."""
+    ctx = multiprocessing.get_context("spawn")
+    events = ctx.Queue()
+    procs = [ctx.Process(target=_hold_lock, args=("qlora-x", str(tmp_path), 1.0, events)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    seen = sorted((events.get(timeout=5) for _ in range(4)), key=lambda e: e[1])
+    assert [kind for kind, _ in seen] == ["in", "out", "in", "out"]

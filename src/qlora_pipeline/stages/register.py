@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -26,9 +25,10 @@ from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.config import RegisterConfig
 from qlora_pipeline.core.data import make_collator
 from qlora_pipeline.core.evaluate import score_model, set_stop_tokens
+from qlora_pipeline.core.gate import Contest, GateDecision, decide
 from qlora_pipeline.core.merge import check_saved, merge_adapter
 from qlora_pipeline.core.model import base_model_revision, load_base_model
-from qlora_pipeline.errors import NonFiniteMetricError, RegistryError, TransientError
+from qlora_pipeline.errors import RegistryError, TransientError
 from qlora_pipeline.stages.common import StageContext, base_tokenizer
 from qlora_pipeline.stages.evaluate import eval_split, sample_rows
 
@@ -36,13 +36,6 @@ log = logging.getLogger(__name__)
 
 FAIL_ONCE_ENV = "QLORA_FAIL_ONCE_REGISTER"
 MERGE_CHECK_ROWS = 4
-
-
-def beats(candidate: float, reference: float, cfg: RegisterConfig) -> bool:
-    """True if candidate is better than reference by at least min_improvement (both must be finite)."""
-    require_finite(cfg.metric, candidate=candidate, reference=reference)
-    gain = candidate - reference if cfg.greater_is_better else reference - candidate
-    return gain >= cfg.min_improvement and gain > 0
 
 
 def merge_and_check(ctx: StageContext, resolved, tokenizer, eval_ds):
@@ -76,7 +69,7 @@ def load_champion(model_name: str, dtype: torch.dtype):
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
-def score_champion(reg: RegisterConfig, champion, tokenizer, eval_ds, collator, evaluate_cfg, samples) -> float | None:
+def score_champion(reg: RegisterConfig, champion, score) -> float | None:
     """The champion's score on this eval split; None when its registered files do not load (a
     champion that cannot be served loses its place to any challenger that beats the base)."""
     try:
@@ -84,9 +77,9 @@ def score_champion(reg: RegisterConfig, champion, tokenizer, eval_ds, collator, 
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("champion v%s does not load (%s); scoring the challenger against the base only", champion.version, str(exc).splitlines()[0][:300])
         return None
-    score = score_model(champion_model, tokenizer, eval_ds, collator, evaluate_cfg, samples).metrics[reg.metric]
+    value = score(champion_model)
     del champion_model
-    return score
+    return value
 
 
 def _inject_transient_failure() -> None:
@@ -95,37 +88,6 @@ def _inject_transient_failure() -> None:
     if marker and not Path(marker).exists():
         Path(marker).write_text("failed once\n")
         raise TransientError("injected transient registry failure (QLORA_FAIL_ONCE_REGISTER); run register again")
-
-
-def require_finite(metric: str, **scores: float | None) -> None:
-    """A NaN compares false with everything, so it would pass or fail a gate silently: refuse it."""
-    bad = [f"{who} {metric} is {float(v)}" for who, v in scores.items() if v is not None and not math.isfinite(v)]
-    if bad:
-        raise NonFiniteMetricError(
-            f"{'; '.join(bad)}: a non-finite metric cannot be compared, nothing is promoted. A NaN eval metric "
-            "means the adapter diverged: retrain with a lower train.learning_rate or quantization.compute_dtype "
-            "bfloat16 (or float32), then run evaluate again"
-        )
-
-
-def gate(reg: RegisterConfig, eval_metrics: dict, challenger_score: float, champion, champion_score: float | None):
-    """Promote only if the tuned model beats the base and the challenger beats the champion."""
-    require_finite(
-        reg.metric,
-        tuned=eval_metrics[reg.metric],
-        base=eval_metrics[f"base_{reg.metric}"],
-        challenger=challenger_score,
-        **{f"champion v{getattr(champion, 'version', '?')}": champion_score},
-    )
-    beats_base = beats(eval_metrics[reg.metric], eval_metrics[f"base_{reg.metric}"], reg)
-    beats_champion = champion_score is None or beats(challenger_score, champion_score, reg)
-    reason = (
-        f"{reg.metric}: tuned {eval_metrics[reg.metric]:.4f} vs base {eval_metrics['base_' + reg.metric]:.4f}; "
-        f"challenger {challenger_score:.4f} vs champion "
-        + (f"v{champion.version} {champion_score:.4f}" if champion_score is not None else (f"v{champion.version} (does not load)" if champion is not None else "none"))
-        + f" (min_improvement {reg.min_improvement})"
-    )
-    return beats_base and beats_champion, beats_base, beats_champion, reason
 
 
 def register_version(ctx: StageContext, client, run_id: str, merged, tokenizer, revision: str, check, eval_metrics: dict):
@@ -164,7 +126,40 @@ def register_version(ctx: StageContext, client, run_id: str, merged, tokenizer, 
     )
 
 
+def contest(ctx: StageContext, client, version: str, score_rival) -> Contest:
+    """The current champion and its score on this eval split (read under the promotion lock)."""
+    champion = tracking.retry(lambda: tracking.alias_version(client, ctx.cfg.register.model_name, tracking.CHAMPION), "reading the champion alias")
+    if champion is None:
+        return Contest()
+    if champion.version == version:
+        return Contest(champion.version, None, is_champion=True)
+    return Contest(champion.version, score_rival(champion))
+
+
+def decide_and_promote(ctx: StageContext, client, version: str, eval_metrics: dict, challenger_score: float, score_rival) -> tuple[GateDecision, Contest]:
+    """Read the champion, score it, decide and move the alias, all under one lock per model name.
+
+    Two registrations never both decide against the same old champion: the second waits, then
+    finds the first's version as champion and must beat it. A writer on another host (which does
+    not share the lock) is caught by reading the alias back; the decision is then made again.
+    """
+    reg = ctx.cfg.register
+    for _ in range(3):
+        with tracking.promotion_lock(reg.model_name):
+            rival = contest(ctx, client, version, score_rival)
+            decision = decide(reg, eval_metrics[reg.metric], eval_metrics[f"base_{reg.metric}"], challenger_score, rival)
+            if decision.promote:
+                tracking.retry(lambda: tracking.promote(client, reg.model_name, version, f"gate passed: {decision.reason}"), "promoting to champion")
+            now = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
+            expected = version if decision.promote else rival.champion_version
+            if (now.version if now else None) == expected:
+                return decision, rival
+        log.warning("the champion of %s moved to v%s during this decision (a registration elsewhere); deciding again", reg.model_name, now.version if now else "none")
+    raise RegistryError(f"the champion alias of {reg.model_name} kept moving during three promotion decisions; run register again")
+
+
 def run(ctx: StageContext) -> dict:
+    """Merge, check, score, register, then gate the promotion; writes metrics/ and reports/register.json."""
     cfg, paths = ctx.cfg, ctx.paths
     reg = cfg.register
     tracking.setup(paths, cfg.tracking.experiment)
@@ -181,6 +176,9 @@ def run(ctx: StageContext) -> dict:
     samples = sample_rows(eval_ds, cfg.evaluate.num_samples)
     client = MlflowClient()
 
+    def score(model) -> float:
+        return score_model(model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
+
     with tracking.active_run(run_id=run_id):
         merged, check, revision = merge_and_check(ctx, resolved, tokenizer, eval_ds)
         mlflow.log_metrics({
@@ -188,67 +186,29 @@ def run(ctx: StageContext) -> dict:
             "merge_mean_abs_logit_diff": check.mean_abs_logit_diff,
             "merge_relative_diff": check.relative_diff,
         })
-
-        challenger_score = score_model(merged, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
-        champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
-        champion_score = None
-        if champion is not None:
-            champion_score = score_champion(reg, champion, tokenizer, eval_ds, collator, cfg.evaluate, samples)
+        challenger_score = score(merged)
 
         _inject_transient_failure()
-        version = register_version(ctx, client, run_id, merged, tokenizer, revision, check, eval_metrics)
-        tracking.retry(lambda: client.set_registered_model_alias(reg.model_name, tracking.CHALLENGER, version.version), "setting the challenger alias")
+        version = register_version(ctx, client, run_id, merged, tokenizer, revision, check, eval_metrics).version
+        tracking.retry(lambda: client.set_registered_model_alias(reg.model_name, tracking.CHALLENGER, version), "setting the challenger alias")
 
-        already = champion is not None and champion.version == version.version
-        promoted, beats_base, beats_champion, reason = gate(reg, eval_metrics, challenger_score, champion, champion_score)
-        promoted = promoted and not already
-        if promoted:
-            tracking.retry(lambda: tracking.promote(client, reg.model_name, version.version, f"gate passed: {reason}"), "promoting to champion")
-        client.set_model_version_tag(reg.model_name, version.version, "gate", ("passed: " if promoted or already else "not promoted: ") + reason)
+        decision, rival = decide_and_promote(ctx, client, version, eval_metrics, challenger_score, lambda champion: score_champion(reg, champion, score))
+        client.set_model_version_tag(reg.model_name, version, "gate", ("passed: " if decision.promote or rival.is_champion else "not promoted: ") + decision.reason)
         current = tracking.alias_version(client, reg.model_name, tracking.CHAMPION)
-        result = {
-            "model_name": reg.model_name,
-            "version": int(version.version),
-            "run_id": run_id,
-            "promoted": promoted,
+        numbers = {
+            "version": int(version),
+            "promoted": decision.promote,
             "champion_version": int(current.version) if current else None,
-            "metric": reg.metric,
             "challenger_score": challenger_score,
-            "champion_score": champion_score,
-            "beats_base": beats_base,
-            "beats_champion": beats_champion,
+            "champion_score": rival.champion_score,
+            "beats_base": decision.beats_base,
+            "beats_champion": decision.beats_champion,
             "merge_max_abs_logit_diff": check.max_abs_logit_diff,
             "merge_relative_diff": check.relative_diff,
-            "reason": reason,
         }
-        mlflow.set_tags({"registered_version": str(version.version), "promoted": str(promoted)})
-        write_json_atomic(paths.metrics / "register.json", result)
-    log.info("registered %s v%s (%s); %s", reg.model_name, version.version, "promoted to champion" if promoted else "not promoted", reason)
-    return result
-
-
-def promote_by_hand(ctx: StageContext, version: str | None, alias: str | None, reason: str) -> dict:
-    """`qlora promote`: move champion to a version (or to the version another alias points to)."""
-    from mlflow.exceptions import MlflowException
-
-    reg = ctx.cfg.register
-    tracking.setup(ctx.paths, ctx.cfg.tracking.experiment)
-    client = MlflowClient()
-    try:
-        client.get_registered_model(reg.model_name)
-    except MlflowException:
-        raise RegistryError(f"registered model {reg.model_name!r} does not exist; check register.model_name or run the pipeline first") from None
-    if alias:
-        target = tracking.alias_version(client, reg.model_name, alias)
-        if target is None:
-            raise RegistryError(f"{reg.model_name} has no alias {alias!r}; aliases in use: challenger, champion")
-        version = target.version
-    try:
-        client.get_model_version(reg.model_name, str(version))
-    except MlflowException:
-        raise RegistryError(f"{reg.model_name} has no version {version}; list them in the MLflow UI (Models tab)") from None
-    previous = tracking.alias_version(client, reg.model_name, tracking.CHAMPION)
-    who = os.environ.get("USER", "unknown")
-    tracking.promote(client, reg.model_name, str(version), f"manual by {who}: {reason}")
-    log.info("champion: %s -> v%s (manual, %s)", f"v{previous.version}" if previous else "none", version, reason)
-    return {"model_name": reg.model_name, "champion_version": int(version), "previous": int(previous.version) if previous else None}
+        record = {"model_name": reg.model_name, "run_id": run_id, "metric": reg.metric, **numbers, "reason": decision.reason}
+        mlflow.set_tags({"registered_version": version, "promoted": str(decision.promote)})
+        write_json_atomic(paths.metrics / "register.json", numbers)  # numbers only: `dvc exp show` columns
+        write_json_atomic(paths.reports / "register.json", record)
+    log.info("registered %s v%s (%s); %s", reg.model_name, version, "promoted to champion" if decision.promote else "not promoted", decision.reason)
+    return record

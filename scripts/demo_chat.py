@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from qlora_pipeline import serving  # noqa: E402
+from qlora_pipeline import progress, serving  # noqa: E402
 from qlora_pipeline.paths import ProjectPaths  # noqa: E402
 from qlora_pipeline.tracking import tracking_uri  # noqa: E402
 
@@ -68,7 +68,8 @@ def main(model_name: str, message: str, alias: str = "champion", max_tokens: int
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     try:
-        wait_healthy(url, proc, log)
+        with progress.bar("starting the server", total=None):  # drawn on a terminal only
+            wait_healthy(url, proc, log)
         print("\n$ curl -s " + f"{url}/invocations -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}")
         answer = serving.ask(url, body, raw=True)
         print(json.dumps(answer, indent=2))  # exactly what the curl above prints

@@ -2,6 +2,7 @@
 
     qlora prepare | train | evaluate | register      # what dvc.yaml runs
     qlora promote --version 3 --reason "A/B test"    # move `champion` by hand
+    qlora versions                                   # a registered model's versions and aliases
     qlora check                                      # validate params.yaml and exit
     qlora report                                     # the last run: base vs tuned, registration
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import signal
@@ -18,21 +20,49 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 
+from qlora_pipeline import progress
 from qlora_pipeline.errors import QloraError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="4-bit QLoRA fine-tuning pipeline stages.")
-err = Console(stderr=True)
+err = progress.console  # log lines and messages print above a live progress bar, not through it
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file; its folder is the project root")]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-S", help="override a param for this call only, e.g. -S train.max_steps=10"),
 ]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="keep third-party logs, warnings and progress bars (or QLORA_VERBOSE=1)"),
+]
 
-QUIET_LOGGERS = ("httpx", "urllib3", "alembic", "mlflow.store", "mlflow.tracking", "filelock", "git")
+# Third-party output that tells a user nothing to act on, silenced where it starts. --verbose,
+# QLORA_VERBOSE=1 or QLORA_LOG_LEVEL=DEBUG leaves all of it on.
+QUIET_LOGGERS = (
+    "httpx", "urllib3", "alembic", "mlflow.store", "mlflow.tracking", "filelock", "git",
+    "mlflow.system_metrics",  # "Started monitoring system metrics." and three more per MLflow run
+)
+# Read when the library is imported: _run sets them before a stage's modules load.
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",  # load/save notices ("modules are dequantized", "new PAD/BOS/EOS tokens")
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' "Loading weights" and "Writing model shards" bars
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets' map and filter bars
+    "TQDM_DISABLE": "1",  # any other tqdm bar (the GGUF conversion's); our bars are rich's
+}
+# Single messages, by the logger that emits them; the rest of what these loggers say still shows.
+QUIET_MESSAGES = {
+    # A local model has no hub card or license to fetch; MLflow says so for every logged model.
+    "mlflow.transformers": ("The model card could not be retrieved", "Unable to find license information"),
+    # CPUs with AVX512-BF16, once per process: an optional kernel fetched from the hub, out of reach offline.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+}
+# warnings.filterwarnings(message, category, module): (regex, category, regex).
+QUIET_WARNINGS = (
+    # mlflow.data.from_pandas(source=<a local path>): two registered source classes match it, alike.
+    (r"The specified dataset source can be interpreted in multiple ways", UserWarning, r"mlflow\.data\."),
+)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -43,7 +73,35 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def _setup_logging() -> None:
+class _DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of `starts`."""
+
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def _silence_third_party() -> None:
+    """Quiet the libraries' notices, warnings and progress bars at their source (QUIET_*)."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if os.environ["TRANSFORMERS_VERBOSITY"] == "error":  # as the env var does, where transformers is loaded already
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    for name, starts in QUIET_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(starts))
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def _setup_logging(verbose: bool = False) -> None:
     level = os.environ.get("QLORA_LOG_LEVEL", "INFO").upper()
     if err.is_terminal:
         handler: logging.Handler = RichHandler(console=err, show_path=False)
@@ -52,10 +110,10 @@ def _setup_logging() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    verbose = verbose or level == "DEBUG" or os.environ.get("QLORA_VERBOSE", "").lower() in ("1", "true", "yes")
+    if not verbose:
+        _silence_third_party()
 
 
 def _raise_on_sigterm() -> None:
@@ -66,8 +124,18 @@ def _raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _run(stage: Callable, params: Path, overrides: list[str] | None, *args) -> None:
-    _setup_logging()
+def _stage(module: str, function: str = "run") -> Callable:
+    """qlora_pipeline.stages.<module>.<function>, imported when called: after _run has set up
+    logging, so what the stage's libraries print while they load is filtered like the rest."""
+
+    def call(*args):
+        return getattr(importlib.import_module(f"qlora_pipeline.stages.{module}"), function)(*args)
+
+    return call
+
+
+def _run(stage: Callable, params: Path, overrides: list[str] | None, *args, verbose: bool = False) -> None:
+    _setup_logging(verbose)
     _raise_on_sigterm()
     try:
         from qlora_pipeline.stages.common import context
@@ -98,43 +166,33 @@ def check(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
 
 @app.command()
-def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Validate and tokenize data/raw into train/eval splits."""
-    from qlora_pipeline.stages import prepare as stage
-
-    _run(stage.run, params, set_)
+    _run(_stage("prepare"), params, set_, verbose=verbose)
 
 
 @app.command()
-def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Train the LoRA adapter on the 4-bit base model."""
-    from qlora_pipeline.stages import train as stage
-
-    _run(stage.run, params, set_)
+    _run(_stage("train"), params, set_, verbose=verbose)
 
 
 @app.command()
-def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Score base and tuned models on the eval split; write metrics and samples."""
-    from qlora_pipeline.stages import evaluate as stage
-
-    _run(stage.run, params, set_)
+    _run(_stage("evaluate"), params, set_, verbose=verbose)
 
 
 @app.command()
-def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Merge, verify, register the model version and gate promotion."""
-    from qlora_pipeline.stages import register as stage
-
-    _run(stage.run, params, set_)
+    _run(_stage("register"), params, set_, verbose=verbose)
 
 
 @app.command()
-def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def report(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Print the last run's metrics (base vs tuned) and its registered version."""
-    from qlora_pipeline.stages import report as stage
-
-    _run(stage.run, params, set_)
+    _run(_stage("report"), params, set_, verbose=verbose)
 
 
 @app.command()
@@ -142,6 +200,7 @@ def promote(
     version: Annotated[Optional[int], typer.Option(help="model version to make champion")] = None,
     alias: Annotated[Optional[str], typer.Option(help="or: promote the version this alias points to")] = None,
     reason: Annotated[str, typer.Option(help="why; recorded on the version")] = "manual promotion",
+    name: Annotated[Optional[str], typer.Option("--name", "-n", help="registered model; default: register.model_name")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -149,9 +208,46 @@ def promote(
     if (version is None) == (alias is None):
         err.print("[bold red]error:[/] give exactly one of --version N or --alias NAME")
         raise typer.Exit(2)
-    from qlora_pipeline.stages import register as stage
+    from qlora_pipeline.stages import registry as stage
 
-    _run(stage.promote_by_hand, params, set_, version, alias, reason)
+    _run(stage.promote_by_hand, params, set_, version, alias, reason, name)
+
+
+@app.command()
+def versions(
+    name: Annotated[Optional[str], typer.Option("--name", "-n", help="registered model; default: register.model_name")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """List a registered model's versions: aliases, gate metric (tuned and base), lineage."""
+    from qlora_pipeline.stages import registry as stage
+
+    _run(stage.versions, params, set_, name, as_json)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def installed(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "not installed"
+
+        stack = ", ".join(f"{n} {installed(n)}" for n in ("torch", "transformers", "peft", "bitsandbytes", "mlflow", "dvc", "prefect"))
+        print(f"qlora-pipeline {installed('qlora-pipeline')} ({stack})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """4-bit QLoRA fine-tuning pipeline stages."""
 
 
 def main() -> None:  # pragma: no cover - console entry

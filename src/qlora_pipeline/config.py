@@ -266,8 +266,9 @@ class TrainConfig(_Section):
     eval_steps: int = Field(0, ge=0)
     """0: off. Else the loss on the eval split every eval_steps optimizer steps and at the last step
     (logged as eval_loss: MLflow, plots/train_loss.png), and the adapter saved is the checkpoint with
-    the lowest eval loss, not the last one (metrics/train.json: best_step, best_eval_loss). save_steps must then be a multiple of eval_steps (the Trainer's rule for keeping the
-    best checkpoint); a new best is saved whenever it is evaluated, so none is lost between saves."""
+    the lowest eval loss, not the last one (metrics/train.json: best_step, best_eval_loss).
+    save_steps must then be a multiple of eval_steps (the Trainer's rule for keeping the best
+    checkpoint); a new best is saved whenever it is evaluated, so none is lost between saves."""
     seed: int = 42
     num_threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default."""

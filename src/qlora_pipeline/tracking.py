@@ -30,7 +30,16 @@ T = TypeVar("T")
 
 
 def tracking_uri(paths: ProjectPaths) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else the project's SQLite store under mlflow/.
+
+    The project is DVC's repository root (DVC_ROOT, which `dvc exp run --temp` and `dvc queue`
+    point at the real repository while the stage runs in a throw-away copy), else the folder of
+    params.yaml: every way DVC runs a stage records into one store.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(os.environ["DVC_ROOT"]) if os.environ.get("DVC_ROOT") else paths.root
+    return f"sqlite:///{ProjectPaths.at(root).mlflow_dir / 'mlflow.db'}"
 
 
 def _redacted(uri: str) -> str:

@@ -22,7 +22,7 @@ NUMERIC_REGISTER_KEYS = {
 
 def test_every_format_went_through(pipeline):
     project, _, _ = pipeline
-    stats = json.loads((project / "metrics/data.json").read_text())
+    stats = json.loads((project / "data/prepared/stats.json").read_text())
     assert set(stats["formats"]) == {"instruction", "text", "chat", "sharegpt"}
     assert stats["rows_dropped"] == {} and stats["format"] == "mixed"
     assert len(stats["files"]) == 6
@@ -113,14 +113,6 @@ def test_no_secret_is_recorded_anywhere(pipeline, mlflow_server):
     dumped = json.dumps([record.params, record.tags, client.get_model_version("qlora-test", str(register["version"])).tags])
     for needle in needles:
         assert needle not in dumped
-
-
-def test_dvc_plots_render(pipeline):
-    project, env, _ = pipeline
-    out = run(["dvc", "plots", "show", "--json"], project, env).stdout
-    plots = json.loads(out)["data"]
-    assert {"plots/train_loss.csv", "plots/token_lengths.csv"} <= set(plots)
-    assert all(plots[k][0]["content"]["data"]["values"] for k in ("plots/train_loss.csv", "plots/token_lengths.csv"))
 
 
 def test_report_summarises_the_run(pipeline):

@@ -16,7 +16,7 @@ from qlora_pipeline.core.data import make_collator
 from qlora_pipeline.core.model import apply_lora, load_base_model, resolve_compute_dtype, resolve_model
 from qlora_pipeline.core.train import latest_checkpoint, train_adapter
 from qlora_pipeline.errors import NonFiniteMetricError, QloraError, TrainingDivergedError
-from qlora_pipeline.stages.register import beats, gate
+from qlora_pipeline.core.gate import Contest, beats, decide
 from tests.unit.test_train_4bit import tiny_dataset
 
 
@@ -152,9 +152,9 @@ REG = RegisterConfig(metric="eval_loss", min_improvement=0.0)
     ],
 )
 def test_gate_refuses_non_finite_metrics(metrics, challenger, champion_score, named):
-    champion = SimpleNamespace(version="3") if champion_score is not None else None
+    rival = Contest("3", champion_score) if champion_score is not None else Contest()
     with pytest.raises(NonFiniteMetricError, match=named + r".*cannot be compared"):
-        gate(REG, metrics, challenger, champion, champion_score)
+        decide(REG, metrics["eval_loss"], metrics["base_eval_loss"], challenger, rival)
 
 
 def test_beats_refuses_nan():

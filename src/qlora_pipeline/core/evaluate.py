@@ -14,14 +14,20 @@ from typing import Any, Iterator
 import torch
 from sacrebleu.metrics import CHRF
 
+from qlora_pipeline import progress
 from qlora_pipeline.config import EvaluateConfig
 from qlora_pipeline.core.data import alpaca_prompt, encode_prompt
 from qlora_pipeline.core.data.encode import resolve_chat_template, stop_token_ids
 
 
-def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _batches(items: list[Any], size: int, description: str) -> Iterator[list[Any]]:
+    """Consecutive slices of `size` items, under a progress bar (drawn on a terminal only)."""
+    if not items:
+        return
+    with progress.bar(description, total=math.ceil(len(items) / size)) as bar:
+        for start in range(0, len(items), size):
+            yield items[start : start + size]
+            bar.update(advance=1)
 
 
 @torch.no_grad()
@@ -31,7 +37,7 @@ def eval_loss(model, dataset, collator, batch_size: int) -> dict[str, float]:
     device = next(model.parameters()).device
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
     total_loss, total_tokens = 0.0, 0
-    for chunk in _batches(rows, batch_size):
+    for chunk in _batches(rows, batch_size, "eval loss"):
         batch = {k: v.to(device) for k, v in collator(chunk).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
@@ -93,7 +99,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     device = next(model.parameters()).device
     outputs: list[str] = []
     stop_ids = generation_stop_ids(model, tokenizer)
-    for chunk in _batches(prompts, batch_size):
+    for chunk in _batches(prompts, batch_size, "generating"):
         encoded = [encode_prompt(tokenizer, p) for p in chunk]
         width = max(len(e) for e in encoded)
         # Left padding so every prompt ends where generation starts.

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from qlora_pipeline import progress
 from qlora_pipeline.config import TrainConfig
 from qlora_pipeline.core.fast import apply_fast_path
-from qlora_pipeline.errors import TrainingDivergedError
+from qlora_pipeline.errors import DataError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,73 @@ class ThroughputCallback(TrainerCallback):
         if now > self._last_time and tokens > 0:
             logs["tokens_per_second"] = round(tokens / (now - self._last_time), 2)
         self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+
+
+def _train_status(logs: dict[str, Any]) -> str:
+    status = f"loss {logs['loss']:.4f}" if _is_number(logs.get("loss")) else f"loss {logs.get('loss')}"
+    if _is_number(logs.get("tokens_per_second")):
+        status += f", {logs['tokens_per_second']:,.0f} tokens/s"
+    return status
+
+
+class TrainingProgress(TrainerCallback):
+    """Training progress in place of transformers' tqdm bar and the log dicts it prints.
+
+    On a terminal: one bar (step, loss, tokens/s, ETA), and a passing one while the Trainer
+    evaluates. Elsewhere: one line per logging step (step n/N, loss, tokens/s, ETA) and one per
+    evaluation, nothing in between. Added after ThroughputCallback, so the logs hold its tokens/s.
+    """
+
+    def __init__(self) -> None:
+        self.bar: progress.Bar | None = None
+        self.eval_bar: progress.Bar | None = None
+        self.status = ""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = progress.bar("training", total=state.max_steps, completed=state.global_step, keep=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(completed=state.global_step)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.bar is None:
+            return
+        if self.eval_bar is None:
+            try:
+                total = len(eval_dataloader)
+            except TypeError:
+                total = None
+            self.eval_bar = progress.bar("evaluating", total=total)
+        self.eval_bar.update(advance=1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        step = f"training step {state.global_step}/{state.max_steps}"
+        if "loss" in logs:
+            self.status = _train_status(logs)
+            self.bar.update(completed=state.global_step, info=self.status)
+            self.bar.report("%s: %s, ETA %s", step, self.status, progress.format_eta(self.bar.eta_s()))
+        elif _is_number(logs.get("eval_loss")):
+            self.bar.update(info=f"{self.status}, eval loss {logs['eval_loss']:.4f}".lstrip(", "))
+            self.bar.report("%s: eval loss %.4f", step, logs["eval_loss"])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """End the bars; called on errors too, so a failed run leaves no live display behind."""
+        for bar in (self.eval_bar, self.bar):
+            if bar is not None:
+                bar.close()
+        self.bar = self.eval_bar = None
 
 
 @dataclass
@@ -94,11 +162,23 @@ class StepLoss:
 
 
 class StepLossTrainer(Trainer):
-    """The Trainer, with each micro-batch loss also added to step_loss."""
+    """The Trainer, with each micro-batch loss also added to step_loss, and the eval split batched
+    by eval_collator (plain padded batches) whatever the fast path made of the training collator."""
 
-    def __init__(self, *args, step_loss: StepLoss, **kwargs) -> None:
+    def __init__(self, *args, step_loss: StepLoss, eval_collator=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.step_loss = step_loss
+        self.eval_collator = eval_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        # The DataLoader keeps the collator it was built with; training's is put back at once.
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
@@ -209,6 +289,20 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+class SaveNewBest(TrainerCallback):
+    """Saves a checkpoint at every evaluation that beats the best eval loss so far.
+
+    The Trainer saves every save_steps only; a best found at an evaluation in between would have
+    no checkpoint, and load_best_model_at_end would quietly keep a worse one (or the last).
+    """
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get("eval_loss")
+        # Runs before the Trainer records this evaluation: best_metric is still the previous best.
+        if _is_number(value) and math.isfinite(value) and (state.best_metric is None or value < state.best_metric):
+            control.should_save = True
+
+
 def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_bf16: bool, use_fp16: bool) -> TrainingArguments:
     """TrainingArguments from params: every knob comes from TrainConfig."""
     return TrainingArguments(
@@ -235,7 +329,16 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_bf16: bool, u
         fp16=use_fp16,
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
-        eval_strategy="no",
+        # train.eval_steps > 0: the eval split's loss every eval_steps steps, and the checkpoint with
+        # the lowest one loaded at the end (config.py checks save_steps is a multiple of eval_steps).
+        eval_strategy="steps" if cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        prediction_loss_only=True,  # the loss only: no logits (tokens x vocab) kept across the eval set
+        label_names=["labels"],  # peft models hide the signature the Trainer reads label names from
+        load_best_model_at_end=bool(cfg.eval_steps),
+        metric_for_best_model="eval_loss" if cfg.eval_steps else None,
+        greater_is_better=False if cfg.eval_steps else None,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -276,6 +379,11 @@ class TrainResult:
     tokens_seen: int
     resumed_from: str | None
     history: list[dict[str, Any]]
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    """{step, eval_loss} at each evaluation (train.eval_steps > 0)."""
+    best_step: int | None = None
+    """The step of the checkpoint with the lowest eval loss: the weights the model holds at the end."""
+    best_eval_loss: float | None = None
 
 
 def train_adapter(
@@ -287,12 +395,28 @@ def train_adapter(
     checkpoint_dir: Path,
     compute_dtype: torch.dtype,
     callbacks: list[TrainerCallback] | None = None,
+    eval_dataset=None,
+    eval_collator=None,
 ) -> TrainResult:
-    """Train the LoRA adapter, resuming from the last complete checkpoint in checkpoint_dir."""
+    """Train the LoRA adapter, resuming from the last complete checkpoint in checkpoint_dir.
+
+    With cfg.eval_steps > 0, eval_dataset's loss is computed every eval_steps steps, batched by
+    eval_collator (default: the training collator as given, before the fast path changes it), and
+    the model ends with the weights of the evaluation with the lowest loss.
+    """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     columns = [c for c in train_dataset.column_names if c not in MODEL_INPUT_COLUMNS]
     train_dataset = train_dataset.remove_columns(columns)
+    if cfg.eval_steps:
+        if eval_dataset is None or not len(eval_dataset):
+            raise DataError("train.eval_steps is set but the eval split is empty; set train.eval_steps: 0 or prepare an eval split")
+        eval_dataset = eval_dataset.remove_columns([c for c in eval_dataset.column_names if c not in MODEL_INPUT_COLUMNS])
+        # Never the fast path's padding-free wrapper: that is a training-speed measure, and an eval
+        # loss should not depend on it (the stage passes padded batches, as the evaluate stage uses).
+        eval_collator = eval_collator or collator
+    else:
+        eval_dataset = eval_collator = None
     # Fast path (core/fast.py): may change the model, micro-batch x accumulation and collator. On a
     # CPU it plans recompute against RAM and fuses the LoRA layers; the GPU-only pieces stay off.
     model, cfg, collator, _ = apply_fast_path(model, cfg, collator, train_dataset)
@@ -319,13 +443,29 @@ def train_adapter(
         # The guard first: a diverged step raises before any other callback logs or saves it.
         callbacks=[NonFiniteGuard(step_loss), run_loss, ThroughputCallback(), history, *(callbacks or [])],
         step_loss=step_loss,
+        eval_dataset=eval_dataset,
+        eval_collator=eval_collator,
     )
+    if eval_dataset is not None:
+        trainer.add_callback(SaveNewBest())
+    # Our progress display replaces transformers' (a tqdm bar, or printed log dicts with disable_tqdm).
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    display = TrainingProgress()
+    trainer.add_callback(display)
     model.train()
-    out = trainer.train(resume_from_checkpoint=resume)
+    try:
+        out = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        display.close()
     # The mean over every optimizer step of the run; out.training_loss covers this process only.
     loss = run_loss.mean()
     if not math.isfinite(loss):
         raise _diverged(out.global_step, out.global_step, f"the run's mean training loss is {loss}")
+    state = trainer.state
+    # The history holds the evaluations before a resume too (restored from the checkpoint).
+    evals = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e]
+    best = state.best_model_checkpoint is not None and eval_dataset is not None
     return TrainResult(
         global_step=out.global_step,
         train_loss=loss,
@@ -333,4 +473,7 @@ def train_adapter(
         tokens_seen=int(trainer.state.num_input_tokens_seen),
         resumed_from=resume,
         history=history.rows,
+        eval_history=evals,
+        best_step=state.best_global_step if best else None,
+        best_eval_loss=float(state.best_metric) if best else None,
     )

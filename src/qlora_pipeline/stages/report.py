@@ -56,7 +56,9 @@ def samples_table(rows: list[dict]) -> Table:
 def run(ctx: StageContext, console: Console | None = None) -> dict:
     console = console or Console()
     metrics = ctx.paths.metrics
-    evaluation, train, register = (_load(metrics / f"{n}.json") for n in ("eval", "train", "register"))
+    evaluation, train = (_load(metrics / f"{n}.json") for n in ("eval", "train"))
+    # The full record (model name, reason) is in reports/; metrics/register.json holds its numbers.
+    register = _load(ctx.paths.reports / "register.json") or _load(metrics / "register.json")
     if not evaluation:
         raise QloraError(f"{metrics / 'eval.json'} not found: run the pipeline first (`dvc repro`)")
     table = Table(title=f"{ctx.cfg.model.name}: base vs tuned ({evaluation.get('eval_rows', '?')} eval rows)")
@@ -73,8 +75,10 @@ def run(ctx: StageContext, console: Console | None = None) -> dict:
         console.print(
             f"train: {train['global_step']} steps, loss {train['train_loss']:.4f}, "
             f"{train['tokens_per_second']:.0f} tokens/s, {train['train_runtime_s']:.0f} s"
+            + (f"; adapter from step {train['best_step']} (lowest eval loss, {train['best_eval_loss']:.4f})" if "best_step" in train else "")
         )
     if register:
         state = "promoted to champion" if register["promoted"] else f"not promoted (champion: v{register['champion_version']})"
-        console.print(f"registered {register['model_name']} v{register['version']}: {state}; {register['reason']}")
+        reason = f"; {register['reason']}" if register.get("reason") else ""
+        console.print(f"registered {register.get('model_name', ctx.cfg.register.model_name)} v{register['version']}: {state}{reason}")
     return {"eval": evaluation, "train": train, "register": register}

@@ -23,11 +23,13 @@ from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.core.data import load_prepared, make_collator
 from qlora_pipeline.core.model import apply_lora, base_model_revision, load_base_model, resolve_compute_dtype
 from qlora_pipeline.core.train import train_adapter
+from qlora_pipeline.plots import loss_figure, read_histogram, save_png, token_length_figure
 from qlora_pipeline.stages.common import StageContext, base_tokenizer, write_csv_atomic
 
 log = logging.getLogger(__name__)
 
 LOSS_PLOT_FIELDS = ["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
+EVAL_PLOT_FIELDS = ["step", "eval_loss"]
 
 
 def checkpoint_key(ctx: StageContext) -> str:
@@ -72,23 +74,11 @@ class MlflowMetricsCallback(TrainerCallback):
 
 def log_data_report(paths) -> None:
     """The prepare stage's stats, validation report and token-length histogram, into the run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stats = json.loads((paths.prepared / "stats.json").read_text())
     mlflow.log_metrics({f"data_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for name in ("stats.json", "report.json", "lengths.csv"):
         mlflow.log_artifact(str(paths.prepared / name), artifact_path="data")
-    rows = [line.split(",") for line in (paths.prepared / "lengths.csv").read_text().splitlines()[1:]]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar([int(b) for b, _ in rows], [int(c) for _, c in rows], width=(int(rows[1][0]) - int(rows[0][0])) if len(rows) > 1 else 1, align="edge")
-    ax.set_xlabel("tokens per row")
-    ax.set_ylabel("rows")
-    ax.set_title("Token length histogram (train + eval)")
-    mlflow.log_figure(fig, "data/token_lengths.png")
-    plt.close(fig)
+    mlflow.log_figure(token_length_figure(read_histogram(paths.prepared / "lengths.csv")), "data/token_lengths.png")
 
 
 def _previous_run_id(checkpoint_dir: Path) -> str | None:
@@ -103,6 +93,7 @@ def run(ctx: StageContext) -> dict:
     experiment_id = tracking.setup(paths, cfg.tracking.experiment)  # fail before loading anything big
     resolved, tokenizer = base_tokenizer(ctx)
     train_ds = load_prepared(paths.prepared, "train")
+    eval_ds = load_prepared(paths.prepared, "eval") if cfg.train.eval_steps else None
     model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
     set_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter start
     model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
@@ -115,7 +106,7 @@ def run(ctx: StageContext) -> dict:
     start = (
         dict(run_id=resume_run_id, log_system_metrics=True)
         if resume_run_id
-        else dict(experiment_id=experiment_id, run_name=f"qlora-{checkpoint_dir.name}", log_system_metrics=True, tags=tags)
+        else dict(experiment_id=experiment_id, run_name=tracking.run_name(f"qlora-{checkpoint_dir.name}"), log_system_metrics=True, tags=tags)
     )
     with tracking.active_run(**start) as run:
         run_id = run.info.run_id
@@ -142,6 +133,9 @@ def run(ctx: StageContext) -> dict:
             checkpoint_dir,
             resolve_compute_dtype(cfg.quantization.compute_dtype),
             callbacks=[MlflowMetricsCallback(resume_run_id)],
+            eval_dataset=eval_ds,
+            # padded, not packed: the eval loss as the evaluate stage computes it on the same split
+            eval_collator=make_collator(tokenizer, False, cfg.data.max_seq_len),
         )
         summary = {
             "train_loss": result.train_loss,
@@ -151,6 +145,8 @@ def run(ctx: StageContext) -> dict:
             "tokens_per_second": round(result.tokens_seen / result.train_runtime_s, 2) if result.train_runtime_s else 0.0,
             "trainable_params": trainable,
         }
+        if result.best_step is not None:  # train.eval_steps > 0: the adapter saved is this step's
+            summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         if result.resumed_from:
             mlflow.set_tag("resumed_from", Path(result.resumed_from).name)
@@ -161,6 +157,8 @@ def run(ctx: StageContext) -> dict:
             tracking.write_run_info(paths, run_id, run.info.experiment_id, target=tmp / "run.json")
         write_json_atomic(paths.metrics / "train.json", summary)
         write_csv_atomic(paths.plots / "train_loss.csv", result.history, LOSS_PLOT_FIELDS)
+        write_csv_atomic(paths.plots / "eval_loss.csv", result.eval_history, EVAL_PLOT_FIELDS)
+        save_png(loss_figure(result.history, result.eval_history, result.best_step), paths.plots / "train_loss.png")
         mlflow.log_artifacts(str(paths.adapter), artifact_path="adapter")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is saved; nothing left to resume
     log.info("trained %s steps, loss %.4f; adapter in %s (MLflow run %s)", result.global_step, result.train_loss, paths.adapter, run_id)

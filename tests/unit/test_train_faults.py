@@ -171,3 +171,28 @@ def test_evaluate_refuses_a_nan_eval_loss(tmp_path):
     check_finite_metrics({"eval_loss": 2.5, "base_eval_loss": 3.0, "eval_rows": 4})
     with pytest.raises(NonFiniteMetricError, match=r"eval_loss is nan.*adapter.*learning_rate"):
         check_finite_metrics({"eval_loss": float("nan"), "base_eval_loss": 3.0, "perplexity": float("nan")})
+
+
+@pytest.mark.parametrize("schedule", [("train.max_steps=6",), ("train.max_steps=-1", "train.epochs=1")])
+def test_resume_from_the_last_steps_checkpoint_trains_nothing_more(tiny_model, tiny_cache, tmp_path, tiny_cfg, schedule):
+    """A failure after the final checkpoint (adapter save, upload, signal): the resumed run has
+    exactly the scheduled steps and the whole run's loss, runtime and tokens, not 0 or one more."""
+    cfg = tiny_cfg("train.save_steps=3", *schedule)  # 32 rows / 4 per step: an epoch is 8 steps
+    _, tokenizer, _ = tiny_model
+    full = train(lora_model(cfg, tokenizer, tiny_cache), tokenizer, cfg, tmp_path / "full")
+
+    class StopAtTheEnd(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps:
+                raise KeyboardInterrupt  # killed right after the last checkpoint was written
+
+    with pytest.raises(KeyboardInterrupt):
+        train(lora_model(cfg, tokenizer, tiny_cache), tokenizer, cfg, tmp_path / "cut", callbacks=[StopAtTheEnd()])
+    last = latest_checkpoint(tmp_path / "cut")
+    assert last.endswith(f"checkpoint-{full.global_step}")
+    resumed = train(lora_model(cfg, tokenizer, tiny_cache), tokenizer, cfg, tmp_path / "cut")
+    assert resumed.global_step == full.global_step
+    assert resumed.train_loss == pytest.approx(full.train_loss, rel=1e-4)
+    assert resumed.tokens_seen == full.tokens_seen
+    assert resumed.train_runtime_s >= 0.5 * full.train_runtime_s  # the whole run's time, not 0
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in full.history]

@@ -9,10 +9,8 @@ from the stage layer, so nothing here imports it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +18,12 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from qlora_pipeline import progress
 from qlora_pipeline.config import TrainConfig
 from qlora_pipeline.core.fast import apply_fast_path
+from qlora_pipeline.core.resume import RunLoss, is_number, StepLoss, eval_rows, finished_run, latest_checkpoint, load_adapter_weights, loss_rows
 from qlora_pipeline.errors import DataError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
@@ -55,8 +53,8 @@ class ThroughputCallback(TrainerCallback):
 
 
 def _train_status(logs: dict[str, Any]) -> str:
-    status = f"loss {logs['loss']:.4f}" if _is_number(logs.get("loss")) else f"loss {logs.get('loss')}"
-    if _is_number(logs.get("tokens_per_second")):
+    status = f"loss {logs['loss']:.4f}" if is_number(logs.get("loss")) else f"loss {logs.get('loss')}"
+    if is_number(logs.get("tokens_per_second")):
         status += f", {logs['tokens_per_second']:,.0f} tokens/s"
     return status
 
@@ -106,7 +104,7 @@ class TrainingProgress(TrainerCallback):
             self.status = _train_status(logs)
             self.bar.update(completed=state.global_step, info=self.status)
             self.bar.report("%s: %s, ETA %s", step, self.status, progress.format_eta(self.bar.eta_s()))
-        elif _is_number(logs.get("eval_loss")):
+        elif is_number(logs.get("eval_loss")):
             self.bar.update(info=f"{self.status}, eval loss {logs['eval_loss']:.4f}".lstrip(", "))
             self.bar.report("%s: eval loss %.4f", step, logs["eval_loss"])
 
@@ -130,35 +128,11 @@ class LossHistory(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # On resume the Trainer restores the log history up to the checkpoint: keep it, so the
         # curve has no gap; steps after the checkpoint are logged again as they are re-run.
-        self.rows = [
-            {"step": e["step"], **{k: v for k, v in e.items() if _is_number(v) and k != "step"}}
-            for e in state.log_history
-            if "loss" in e
-        ]
+        self.rows = loss_rows(state.log_history)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.rows.append({"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}})
-
-
-class StepLoss:
-    """The loss of the current optimizer step: the sum of its micro-batch losses, unfiltered.
-
-    The Trainer's own running loss replaces a NaN micro-batch loss by the average so far
-    (logging_nan_inf_filter), so a diverged run logs plausible numbers; this one does not.
-    """
-
-    def __init__(self) -> None:
-        self._sum: torch.Tensor | float = 0.0
-
-    def reset(self) -> None:
-        self._sum = 0.0
-
-    def add(self, loss: torch.Tensor) -> None:
-        self._sum = self._sum + loss.detach().float()
-
-    def value(self) -> float:
-        return float(self._sum)
+            self.rows.append({"step": state.global_step, **{k: v for k, v in logs.items() if is_number(v)}})
 
 
 class StepLossTrainer(Trainer):
@@ -241,52 +215,8 @@ class NonFiniteGuard(TrainerCallback):
             value = (logs or {}).get(key)
             if key == "grad_norm" and args.fp16:
                 continue
-            if _is_number(value) and not math.isfinite(value):
+            if is_number(value) and not math.isfinite(value):
                 raise _diverged(state.global_step, state.max_steps, f"the logged {key} is {value}")
-
-
-class RunLoss(TrainerCallback, ExportableState):
-    """Sum and count of the per-step losses of the whole run, kept in every checkpoint.
-
-    Stored in trainer_state.json (stateful_callbacks), which the Trainer writes last and atomically
-    with the step it describes, so a resumed run's mean covers the steps before the resume too.
-    """
-
-    def __init__(self, step_loss: StepLoss, loss_sum: float = 0.0, steps: int = 0) -> None:
-        self.step_loss = step_loss
-        self.loss_sum = loss_sum
-        self.steps = steps
-
-    @classmethod
-    def from_checkpoint(cls, step_loss: StepLoss, checkpoint: str | None) -> RunLoss:
-        if not checkpoint:
-            return cls(step_loss)
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-        stored = state.get("stateful_callbacks", {}).get(cls.__name__)
-        if isinstance(stored, dict) and "attributes" in stored:
-            return cls(step_loss, float(stored["attributes"]["loss_sum"]), int(stored["attributes"]["steps"]))
-        # A checkpoint from before the sum was stored: the logged losses, exact when logging_steps is 1.
-        logged = [(e["step"], e["loss"]) for e in state.get("log_history", []) if "loss" in e]
-        log.warning("checkpoint %s holds no loss sum; the run's mean loss is rebuilt from the logged losses", checkpoint)
-        previous, total = 0, 0.0
-        for step, loss in logged:
-            total += loss * (step - previous)
-            previous = step
-        return cls(step_loss, total, previous)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.loss_sum += self.step_loss.value()
-        self.steps += 1
-
-    def mean(self) -> float:
-        return self.loss_sum / self.steps if self.steps else float("nan")
-
-    def state(self) -> dict:
-        return {"args": {}, "attributes": {"loss_sum": self.loss_sum, "steps": self.steps}}
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class SaveNewBest(TrainerCallback):
@@ -299,7 +229,7 @@ class SaveNewBest(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = (metrics or {}).get("eval_loss")
         # Runs before the Trainer records this evaluation: best_metric is still the previous best.
-        if _is_number(value) and math.isfinite(value) and (state.best_metric is None or value < state.best_metric):
+        if is_number(value) and math.isfinite(value) and (state.best_metric is None or value < state.best_metric):
             control.should_save = True
 
 
@@ -348,29 +278,6 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_bf16: bool, u
     )
 
 
-def checkpoint_is_complete(path: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
-    state = path / "trainer_state.json"
-    try:
-        json.loads(state.read_text())
-    except (OSError, ValueError):
-        return False
-    return (path / "optimizer.pt").is_file() and any(path.glob("adapter_model.safetensors"))
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    """The newest complete checkpoint, or None; partial ones (a kill during a save) are removed."""
-    while checkpoint_dir.is_dir():
-        newest = get_last_checkpoint(str(checkpoint_dir))
-        if newest is None:
-            return None
-        if checkpoint_is_complete(Path(newest)):
-            return newest
-        log.warning("skipping incomplete checkpoint %s (interrupted while saving)", newest)
-        shutil.rmtree(newest)
-    return None
-
-
 @dataclass
 class TrainResult:
     global_step: int
@@ -417,6 +324,13 @@ def train_adapter(
         eval_collator = eval_collator or collator
     else:
         eval_dataset = eval_collator = None
+    step_loss = StepLoss()
+    resume = latest_checkpoint(checkpoint_dir)
+    done = finished_run(resume, step_loss, cfg.max_steps, cfg.epochs)
+    if done is not None:  # the final step is checkpointed: nothing left to train
+        log.info("%s holds the final step %s; training is complete, weights from %s", resume, done.state["global_step"], done.weights_from.name)
+        load_adapter_weights(model, done.weights_from)
+        return _result(done.state, done.run_loss, resume, loss_rows(done.state.get("log_history", [])), eval_dataset is not None)
     # Fast path (core/fast.py): may change the model, micro-batch x accumulation and collator. On a
     # CPU it plans recompute against RAM and fuses the LoRA layers; the GPU-only pieces stay off.
     model, cfg, collator, _ = apply_fast_path(model, cfg, collator, train_dataset)
@@ -429,10 +343,8 @@ def train_adapter(
         use_fp16=on_gpu and compute_dtype == torch.float16,
     )
     history = LossHistory()
-    resume = latest_checkpoint(checkpoint_dir)
     if resume:
         log.info("resuming from %s", resume)
-    step_loss = StepLoss()
     run_loss = RunLoss.from_checkpoint(step_loss, resume)
     trainer = StepLossTrainer(
         model=model,
@@ -455,25 +367,29 @@ def train_adapter(
     trainer.add_callback(display)
     model.train()
     try:
-        out = trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resume)
     finally:
         display.close()
-    # The mean over every optimizer step of the run; out.training_loss covers this process only.
+    state = trainer.state
+    fields = ("global_step", "num_input_tokens_seen", "log_history", "best_model_checkpoint", "best_global_step", "best_metric")
+    return _result({k: getattr(state, k, None) for k in fields}, run_loss, resume, history.rows, eval_dataset is not None)
+
+
+def _result(state: dict, run_loss: RunLoss, resume: str | None, history: list[dict], evaluated: bool) -> TrainResult:
+    """Whole-run figures: the mean loss over every optimizer step and the training time of every
+    process (the Trainer's own cover the steps run since the resume only)."""
     loss = run_loss.mean()
     if not math.isfinite(loss):
-        raise _diverged(out.global_step, out.global_step, f"the run's mean training loss is {loss}")
-    state = trainer.state
-    # The history holds the evaluations before a resume too (restored from the checkpoint).
-    evals = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e]
-    best = state.best_model_checkpoint is not None and eval_dataset is not None
+        raise _diverged(state["global_step"], state["global_step"], f"the run's mean training loss is {loss}")
+    best = evaluated and state.get("best_model_checkpoint") is not None
     return TrainResult(
-        global_step=out.global_step,
+        global_step=int(state["global_step"]),
         train_loss=loss,
-        train_runtime_s=float(out.metrics.get("train_runtime", 0.0)),
-        tokens_seen=int(trainer.state.num_input_tokens_seen),
+        train_runtime_s=run_loss.elapsed_s(),
+        tokens_seen=int(state.get("num_input_tokens_seen") or 0),
         resumed_from=resume,
-        history=history.rows,
-        eval_history=evals,
-        best_step=state.best_global_step if best else None,
-        best_eval_loss=float(state.best_metric) if best else None,
+        history=history,
+        eval_history=eval_rows(state.get("log_history", [])),
+        best_step=state.get("best_global_step") if best else None,
+        best_eval_loss=float(state["best_metric"]) if best else None,
     )

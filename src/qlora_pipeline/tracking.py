@@ -167,35 +167,89 @@ def read_run_id(paths: ProjectPaths) -> str:
 
 
 @contextmanager
-def active_run(run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
-    """Start or resume a run; it ends FAILED (with the reason) on error, KILLED on Ctrl-C."""
+def active_run(stage: str, run_id: str | None = None, **start_kwargs: Any) -> Iterator[Any]:
+    """Start or resume the pipeline's run for one stage, recording that stage's outcome on its own.
+
+    Tags `stage.<name>.status` (FINISHED, FAILED, KILLED) and, on failure,
+    `stage.<name>.failure_reason`; a stage that then succeeds moves its old reason to
+    `stage.<name>.previous_failure_reason`. The run's own status and `failure_reason` belong to
+    the stage that opened it (train, also when it resumes after a crash): a later stage (evaluate,
+    register) that fails leaves the finished training run FINISHED.
+    """
     import mlflow
 
+    previous = _status(run_id) if run_id else None
     run = mlflow.start_run(run_id=run_id, **start_kwargs)
+    owner = previous != "FINISHED"
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.set_tag("failure_reason", "interrupted")
-        mlflow.end_run("KILLED")
+        _end(run.info.run_id, stage, "KILLED", "interrupted", owner)
         raise
     except BaseException as exc:
-        mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run("FAILED")
+        _end(run.info.run_id, stage, "FAILED", f"{type(exc).__name__}: {exc}"[:5000], owner)
         raise
     else:
-        _clear_failure(run.info.run_id)
-        mlflow.end_run("FINISHED")
+        _end(run.info.run_id, stage, "FINISHED", None, owner)
 
 
-def _clear_failure(run_id: str) -> None:
-    """A finished attempt supersedes a failed one: its reason moves to previous_failure_reason."""
+def _status(run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_run(run_id).info.status
+
+
+def _end(run_id: str, stage: str, status: str, reason: str | None, owner: bool) -> None:
+    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    reason = client.get_run(run_id).data.tags.get("failure_reason")
+    tags = client.get_run(run_id).data.tags
+    prefix = f"stage.{stage}."
+    client.set_tag(run_id, prefix + "status", status)
+    _move_reason(client, run_id, tags, prefix + "failure_reason", reason)
+    if owner:
+        _move_reason(client, run_id, tags, "failure_reason", reason)
+    mlflow.end_run(status if owner else "FINISHED")
+
+
+def _move_reason(client, run_id: str, tags: dict, key: str, reason: str | None) -> None:
+    """Set the failure reason; on success an old one is kept as previous_failure_reason only."""
     if reason is not None:
-        client.set_tag(run_id, "previous_failure_reason", reason)
-        client.delete_tag(run_id, "failure_reason")
+        client.set_tag(run_id, key, reason)
+    elif key in tags:
+        client.set_tag(run_id, key.replace("failure_reason", "previous_failure_reason"), tags[key])
+        client.delete_tag(run_id, key)
+
+
+def log_metrics_once(metrics: dict[str, float], step: int = 0) -> None:
+    """Log metrics unless the active run holds the same latest value already: a re-run or retried
+    stage leaves the record as it was, not a second point per metric."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    current = MlflowClient().get_run(mlflow.active_run().info.run_id).data.metrics
+    fresh = {k: float(v) for k, v in metrics.items() if k not in current or current[k] != float(v)}
+    if fresh:
+        mlflow.log_metrics(fresh, step=step)
+
+
+def log_table_replacing(table, artifact_file: str) -> None:
+    """mlflow.log_table, but replacing the table an earlier attempt logged (log_table appends)."""
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    run_id = mlflow.active_run().info.run_id
+    folder = os.path.dirname(artifact_file) or None
+    if artifact_file not in {f.path for f in MlflowClient().list_artifacts(run_id, folder)}:
+        mlflow.log_table(table, artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # the file log_table writes, in its format
+        path = Path(tmp) / os.path.basename(artifact_file)
+        table.to_json(path, orient="split", index=False, date_format="iso")
+        mlflow.log_artifact(str(path), artifact_path=folder)
 
 
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}

@@ -90,7 +90,9 @@ def test_rerun_of_the_champion_is_not_its_own_rival(champion_project):
     assert f"v{record['version']} is the champion already; not compared with itself" in record["reason"]
 
 
-def test_finished_rerun_clears_the_failed_attempts_reason(champion_project, tmp_path, mlflow_server):
+def test_a_failed_register_keeps_the_training_record_and_a_rerun_clears_its_reason(champion_project, tmp_path, mlflow_server):
+    """A later stage records its own outcome: a register failure leaves the finished training run
+    FINISHED (with stage.register tags), and the register that then succeeds clears the reason."""
     from mlflow import MlflowClient
 
     project, env = champion_project
@@ -99,13 +101,37 @@ def test_finished_rerun_clears_the_failed_attempts_reason(champion_project, tmp_
     assert failed.returncode == 75, failed.stderr
     run_id = json.loads((project / "models/adapter/run.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=mlflow_server)
-    assert client.get_run(run_id).info.status == "FAILED"
-    assert "injected transient registry failure" in client.get_run(run_id).data.tags["failure_reason"]
+    record = client.get_run(run_id)
+    assert record.info.status == "FINISHED" and "failure_reason" not in record.data.tags
+    assert record.data.tags["stage.train.status"] == "FINISHED"
+    assert record.data.tags["stage.register.status"] == "FAILED"
+    assert "injected transient registry failure" in record.data.tags["stage.register.failure_reason"]
     run(["qlora", "register"], project, env)
-    after = client.get_run(run_id)
-    assert after.info.status == "FINISHED"
-    assert "failure_reason" not in after.data.tags
-    assert "injected transient registry failure" in after.data.tags["previous_failure_reason"]
+    after = client.get_run(run_id).data.tags
+    assert after["stage.register.status"] == "FINISHED" and "stage.register.failure_reason" not in after
+    assert "injected transient registry failure" in after["stage.register.previous_failure_reason"]
+
+
+def test_rerun_evaluate_leaves_the_same_record(champion_project, mlflow_server):
+    """`dvc repro -f evaluate` (what an orchestrator's retry does): one samples table, one point per metric."""
+    from mlflow import MlflowClient
+
+    project, env = champion_project
+    run_id = json.loads((project / "models/adapter/run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=mlflow_server)
+
+    def record():
+        table = json.loads(Path(client.download_artifacts(run_id, "eval/samples.json", str(project / ".tmp-dl"))).read_text())
+        return len(table["data"]), len(client.get_metric_history(run_id, "eval_loss")), client.get_run(run_id).data.metrics
+
+    before = record()
+    run(["dvc", "repro", "-s", "-f", "evaluate"], project, env)
+    after = record()
+    shutil.rmtree(project / ".tmp-dl", ignore_errors=True)
+    rows = len((project / "reports/samples.jsonl").read_text().splitlines())
+    assert after[0] == before[0] == rows and after[1] == before[1] == 1
+    assert after[2]["eval_loss"] == before[2]["eval_loss"]
+    assert client.get_run(run_id).data.tags["stage.evaluate.status"] == "FINISHED"
 
 
 def test_concurrent_registrations_leave_the_best_as_champion(champion_project, tmp_path, mlflow_server):

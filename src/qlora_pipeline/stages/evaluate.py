@@ -82,7 +82,7 @@ def run(ctx: StageContext) -> dict:
     samples = sample_rows(eval_ds, cfg.evaluate.num_samples)
     model = load_tuned_model(ctx, resolved, tokenizer)
 
-    with tracking.active_run(run_id=run_id):
+    with tracking.active_run("evaluate", run_id=run_id):
         tuned = score_model(model, tokenizer, eval_ds, collator, cfg.evaluate, samples)
         free_prompts = [chat_prompt(tokenizer, p) for p in cfg.evaluate.prompts]
         tuned_free = generate(model, tokenizer, free_prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size)
@@ -102,9 +102,9 @@ def run(ctx: StageContext) -> dict:
         write_json_atomic(paths.metrics / "eval.json", metrics)
         write_text_atomic(paths.reports / "samples.md", samples_markdown(table))
         write_text_atomic(paths.reports / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in table))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        tracking.log_metrics_once(metrics)
         if table:
-            mlflow.log_table(pd.DataFrame(table), artifact_file="eval/samples.json")
+            tracking.log_table_replacing(pd.DataFrame(table), "eval/samples.json")
         mlflow.log_artifact(str(paths.reports / "samples.md"), artifact_path="eval")
     log.info(
         "eval loss: base %.4f -> tuned %.4f (perplexity %.2f -> %.2f)",

@@ -179,9 +179,9 @@ def run(ctx: StageContext) -> dict:
     def score(model) -> float:
         return score_model(model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
 
-    with tracking.active_run(run_id=run_id):
+    with tracking.active_run("register", run_id=run_id):
         merged, check, revision = merge_and_check(ctx, resolved, tokenizer, eval_ds)
-        mlflow.log_metrics({
+        tracking.log_metrics_once({
             "merge_max_abs_logit_diff": check.max_abs_logit_diff,
             "merge_mean_abs_logit_diff": check.mean_abs_logit_diff,
             "merge_relative_diff": check.relative_diff,

@@ -108,7 +108,7 @@ def run(ctx: StageContext) -> dict:
         if resume_run_id
         else dict(experiment_id=experiment_id, run_name=tracking.run_name(f"qlora-{checkpoint_dir.name}"), log_system_metrics=True, tags=tags)
     )
-    with tracking.active_run(**start) as run:
+    with tracking.active_run("train", **start) as run:
         run_id = run.info.run_id
         write_json_atomic(checkpoint_dir / "mlflow_run.json", {"run_id": run_id})
         if not resume_run_id:
@@ -147,7 +147,7 @@ def run(ctx: StageContext) -> dict:
         }
         if result.best_step is not None:  # train.eval_steps > 0: the adapter saved is this step's
             summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        tracking.log_metrics_once({k: float(v) for k, v in summary.items() if v is not None})
         if result.resumed_from:
             mlflow.set_tag("resumed_from", Path(result.resumed_from).name)
 

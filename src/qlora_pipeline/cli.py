@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -24,6 +25,8 @@ from rich.logging import RichHandler
 
 from qlora_pipeline import progress
 from qlora_pipeline.errors import QloraError
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="4-bit QLoRA fine-tuning pipeline stages.")
 err = progress.console  # log lines and messages print above a live progress bar, not through it
@@ -124,6 +127,53 @@ def _raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+ORCHESTRATORS = ("dvc", "prefect")
+PARENT_POLL_S = 1.0
+
+
+def _end_with_orchestrator() -> None:
+    """SIGTERM this process when the DVC (or Prefect) process that started it ends.
+
+    `kill -TERM` of `dvc repro` ends DVC at once without signalling its stage; the stage would run
+    on as an orphan, finish, and record a training that dvc.lock never holds. Watched: the
+    ancestors up to the nearest DVC or Prefect process; nothing when there is none.
+    """
+    import threading
+
+    import psutil
+
+    watched = []
+    for ancestor in psutil.Process().parents():
+        watched.append(ancestor)
+        if _is_orchestrator(_cmdline(ancestor)):
+            break
+    else:
+        return  # started by hand (a shell, nohup, a notebook): it is the user's to stop
+
+    def watch() -> None:
+        while all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in watched):
+            time.sleep(PARENT_POLL_S)
+        log.warning("the process that started this stage (pid %s) ended; stopping", ", ".join(str(p.pid) for p in watched))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orchestrator-watch", daemon=True).start()
+
+
+def _is_orchestrator(args: list[str]) -> bool:
+    """`dvc ...`, `prefect ...` or `python -m dvc|prefect ...` (by program name, not any path)."""
+    head = args[:3]
+    if "-m" in head and head.index("-m") + 1 < len(args):
+        return args[head.index("-m") + 1] in ORCHESTRATORS
+    return any(os.path.basename(a) in ORCHESTRATORS for a in head[:2])
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except Exception:  # noqa: BLE001 - gone or not ours to read: nothing to match
+        return []
+
+
 def _stage(module: str, function: str = "run") -> Callable:
     """qlora_pipeline.stages.<module>.<function>, imported when called: after _run has set up
     logging, so what the stage's libraries print while they load is filtered like the rest."""
@@ -137,6 +187,7 @@ def _stage(module: str, function: str = "run") -> Callable:
 def _run(stage: Callable, params: Path, overrides: list[str] | None, *args, verbose: bool = False) -> None:
     _setup_logging(verbose)
     _raise_on_sigterm()
+    _end_with_orchestrator()
     try:
         from qlora_pipeline.stages.common import context
 

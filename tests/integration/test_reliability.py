@@ -125,6 +125,31 @@ def test_sigterm_ends_the_run_killed(tmp_path, mlflow_server):
     assert "interrupted" in record.data.tags["failure_reason"]
 
 
+def test_killing_dvc_stops_its_stage_and_keeps_the_checkpoints(tmp_path, mlflow_server):
+    """`kill -TERM` of `dvc repro` alone (DVC does not pass it on): the stage's process ends
+    with it, the run ends KILLED, checkpoints stay for the next `dvc repro`, dvc.lock has no train."""
+    import psutil
+    from mlflow import MlflowClient
+
+    project = make_project(tmp_path, {**RESUME_PARAMS, "register.model_name": "qlora-orphan"})
+    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
+    run(["dvc", "repro", "prepare"], project, env)
+    dvc = start(["dvc", "repro", "train"], project, env)
+    wait_for(lambda: bool(checkpoints(project)), 300, "a checkpoint", dvc)
+    stage = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "train" in " ".join(p.cmdline())]
+    assert stage, "no qlora train process under dvc"
+    os.kill(dvc.pid, signal.SIGTERM)  # the DVC process only, not its process group
+    finish(dvc, 60)
+    gone, alive = psutil.wait_procs(stage, timeout=60)
+    assert not alive, f"the stage outlived DVC: {alive}"
+    run_id = json.loads(next(project.glob("checkpoints/*/mlflow_run.json")).read_text())["run_id"]
+    record = MlflowClient(tracking_uri=mlflow_server).get_run(run_id)
+    assert record.info.status == "KILLED" and record.data.tags["stage.train.status"] == "KILLED"
+    assert checkpoints(project), "checkpoints were deleted"
+    lock = project / "dvc.lock"
+    assert not lock.is_file() or "train:" not in lock.read_text()
+
+
 @pytest.fixture
 def registered(pipeline):
     """The project test_pipeline_dvc.py ran end to end (model qlora-test)."""

@@ -11,6 +11,9 @@
 The deployment runs this checkout's committed code (process pool) or the image's (Docker pool),
 with at most `--concurrency-limit` runs at once (default 1; more are queued, not dropped) and an
 example cron schedule that stays paused until you turn it on in the UI or pass --activate-schedule.
+`-S` values are the deployment's `default_overrides`: a run's `overrides` replace them key by key.
+Deploying also creates (or updates) the automation that marks a run Crashed when its heartbeats
+stop (a killed worker), which gives its concurrency slots back.
 """
 
 from __future__ import annotations
@@ -18,22 +21,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from flows import prefect_env  # noqa: E402
+
 PROJECT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PREFECT_HOME", str(PROJECT / ".prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+prefect_env.apply(PROJECT)
 
 from prefect.client.orchestration import get_client  # noqa: E402  (settings above come first)
 from prefect.client.schemas.actions import WorkPoolCreate  # noqa: E402
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy  # noqa: E402
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy, StateType  # noqa: E402
+from prefect.events.actions import ChangeFlowRunState  # noqa: E402
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture  # noqa: E402
 from prefect.exceptions import ObjectNotFound  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
 ENTRYPOINT = "flows/pipeline.py:qlora_pipeline"
+FLOW_NAME = "qlora-pipeline"
+CRASH_AUTOMATION = "qlora-pipeline: crash runs without heartbeats"
 EXAMPLE_CRON = "0 3 * * 1"  # Mondays 03:00: a weekly retrain on whatever data/raw holds then
 IMAGE_WORKDIR = "/opt/qlora"  # the Dockerfile's WORKDIR
 
@@ -48,13 +56,53 @@ def docker_job_variables(project_on_host: str, gpu_limit: str) -> dict[str, Any]
         "image_pull_policy": "IfNotPresent",
         "auto_remove": True,
         "volumes": [f"{project_on_host}:{IMAGE_WORKDIR}", "qlora-hf-cache:/home/qlora/.cache/huggingface"],
-        "env": {"QLORA_GPU_LIMIT": gpu_limit},
+        "env": {"QLORA_GPU_LIMIT": gpu_limit, **heartbeat_env()},
         # docker-py turns each dict into a DeviceRequest: `docker run --gpus all`.
         "container_create_kwargs": {
             "device_requests": [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}],
             "shm_size": "8g",  # dataloader workers share batches through /dev/shm
         },
     }
+
+
+def heartbeat_env() -> dict[str, str]:
+    """Flow runs send heartbeats as often as the crash automation expects them."""
+    return {prefect_env.HEARTBEAT_ENV: str(prefect_env.HEARTBEAT_S)}
+
+
+def crash_automation(crashed_after_s: float = prefect_env.CRASHED_AFTER_S) -> AutomationCore:
+    """Prefect's documented zombie-run automation, for this flow's runs: a run that sent a heartbeat
+    and then nothing (no heartbeat, no state change) for crashed_after_s is set Crashed."""
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description=f"A {FLOW_NAME} run whose worker or process died stops sending heartbeats "
+                    f"(every {prefect_env.HEARTBEAT_S}s); mark it Crashed, which releases its concurrency slots.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=crashed_after_s),
+        ),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {crashed_after_s:.0f}s: the flow-run process or its worker died",
+        )],
+    )
+
+
+def ensure_crash_automation() -> str:
+    """Create the crash automation, or bring an existing one of that name up to date; returns its id."""
+    automation = crash_automation()
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(automation.name)
+        if existing:
+            client.update_automation(existing[0].id, automation)
+            return str(existing[0].id)
+        return str(client.create_automation(automation))
 
 
 def ensure_process_pool(name: str) -> None:
@@ -106,7 +154,9 @@ def deploy(
     common: dict[str, Any] = dict(
         name=name,
         work_pool_name=pool,
-        parameters={"overrides": overrides or {}},
+        # A run's `overrides` are merged over these per key by the flow (Prefect would replace the
+        # whole dict), so a run that sets lora.r keeps the deployment's model.
+        parameters={"default_overrides": overrides or {}, "overrides": {}},
         schedules=[Cron(cron, timezone=timezone, active=activate_schedule, slug="example-cron")],
         concurrency_limit=(
             ConcurrencyLimitConfig(limit=concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
@@ -128,7 +178,8 @@ def deploy(
         else:
             ensure_process_pool(pool)
             source = qlora_pipeline.from_source(source=str(PROJECT), entrypoint=ENTRYPOINT)
-            deployment_id = source.deploy(**common)
+            deployment_id = source.deploy(job_variables={"env": heartbeat_env()}, **common)
+    ensure_crash_automation()
     return str(deployment_id)
 
 
@@ -152,13 +203,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from qlora_pipeline.config import parse_override
     from qlora_pipeline.errors import ConfigError
 
+    from flows import overrides as param_overrides
     from flows import workspace
 
     try:
-        overrides = {".".join(key): value for key, value in map(parse_override, args.overrides)}
+        overrides = param_overrides.parse(args.overrides)
         workspace.validate_overrides(PROJECT, workspace.resolve_commit(PROJECT, "HEAD"), overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

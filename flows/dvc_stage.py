@@ -1,8 +1,9 @@
 """Run one DVC stage (`dvc repro --single-item <stage>`) and stream its output to a logger.
 
 DVC decides whether the stage runs, is restored from the run cache, or is already up to date, and
-records it in dvc.lock; this module only runs it, relays its lines, and turns a failure into an
-exception whose message is the stage's own error. The stage process and its children are ended
+records it in dvc.lock; this module only runs it, relays its lines (credentials in URIs masked:
+MLflow prints its tracking URI), and turns a failure into an exception whose message is the
+stage's own error. The stage process and its children are ended
 whenever the caller stops waiting (task timeout, flow cancellation, Ctrl-C).
 """
 
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from flows.redact import redact
 
 TAIL_LINES = 30
 PROGRESS_EVERY_S = 15.0  # progress bars redraw with \r; relay at most one frame per this interval
@@ -114,7 +117,7 @@ def _relay(proc: subprocess.Popen, logger, tail: deque[str], status: list[str]) 
         # Lines end in \n; progress bars redraw in place with \r.
         while (cut := _first_break(pending)) >= 0:
             raw, sep, pending = pending[:cut], pending[cut : cut + 1], pending[cut + 1 :]
-            line = raw.decode("utf-8", "replace").rstrip()
+            line = redact(raw.decode("utf-8", "replace").rstrip())
             if not line.strip():
                 continue
             if sep == b"\r":
@@ -128,7 +131,7 @@ def _relay(proc: subprocess.Popen, logger, tail: deque[str], status: list[str]) 
                     status.append(name)
             logger.info("%s", line)
     if pending.strip():
-        line = pending.decode("utf-8", "replace").rstrip()
+        line = redact(pending.decode("utf-8", "replace").rstrip())
         tail.append(line)
         logger.info("%s", line)
 

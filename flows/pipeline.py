@@ -4,17 +4,21 @@
     python -m flows.deploy                         # deployment `qlora-pipeline/gpu` on work pool `gpu`
 
 A flow run
-1. validates its overrides (dotted params.yaml keys, like `dvc exp run -S`) with the pipeline's
-   config code, so a bad value fails the run with the validation message before anything runs;
+1. removes the worktrees earlier runs left behind when they died (a killed worker), then merges its
+   overrides (dotted params.yaml keys, like `dvc exp run -S`) over the deployment's defaults and
+   validates them with the pipeline's config code, so a bad value fails the run with the
+   validation message before anything runs;
 2. checks out the commit in its own git worktree that shares the project's DVC cache
    (workspace.py), so runs triggered together never share a params.yaml, dvc.lock or output, and
    brings back the outputs of stages an earlier run already ran with the same inputs;
 3. runs each stage as a task through DVC, which decides what is stale and records lineage in
-   dvc.lock; the GPU stages hold a global concurrency slot, so one GPU never trains twice at once;
+   dvc.lock; the GPU stages hold a global concurrency slot, so one GPU never trains twice at once
+   (a lease the run keeps renewing: the slot of a run that died comes back when it lapses);
    the MLflow run gets the DVC experiment's name (`<flow run name>-<id8>`) and the flow run's tags,
    and the flow run is tagged with the MLflow run's id;
-4. saves the result as a DVC experiment and publishes a markdown artifact with the metrics, the
-   registered version, and links to the MLflow run and the experiment.
+4. saves the result as a DVC experiment (also when a later stage failed, so the next run reuses
+   what this one finished) and publishes a markdown artifact with the metrics, the registered
+   version, and links to the MLflow run and the experiment.
 
 Retries only where a failure can pass (the MLflow store or registry unreachable or busy): never on
 train, whose restart would redo the work; a new run with the same params resumes its checkpoint.
@@ -38,13 +42,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
+from flows import overrides as param_overrides
 from flows import workspace
 from flows.dvc_stage import StageFailed, StageResult, run_stage, stage_env
+from flows.redact import redact
 from flows.summary import RunRecord, render
 from flows.workspace import Workspace
 from qlora_pipeline.config import PipelineConfig
@@ -52,6 +59,13 @@ from qlora_pipeline.config import PipelineConfig
 STAGES = ("prepare", "train", "evaluate", "register")
 GPU_STAGES = ("train", "evaluate", "register")  # register merges and scores the model
 GPU_LIMIT_ENV = "QLORA_GPU_LIMIT"
+# A held slot is a lease the run renews every 3/4 of this; when the run dies (a killed worker) the
+# server takes the slot back once the lease lapses. Prefect's API takes 60 s at least.
+GPU_LEASE_ENV = "QLORA_GPU_LEASE_S"
+DEFAULT_GPU_LEASE_S = 300
+# How long a stage waits for the GPU slot: 1.5 x the longest stage timeout (train, 48 h), so a
+# queued run outwaits one whole training but not a slot that never comes free.
+DEFAULT_SLOT_TIMEOUT_S = 72 * 3600
 ARTIFACT_KEY = "qlora-pipeline-run"
 RUN_NAME_ENV = "QLORA_RUN_NAME"  # the train stage names its MLflow run after it
 RUN_INFO = "models/adapter/run.json"  # the train stage's MLflow run id and experiment id
@@ -80,6 +94,43 @@ def only_transient(task, task_run, state) -> bool:
 
     exc = state.data if isinstance(state.data, BaseException) else None
     return isinstance(exc, RegistryError) or (isinstance(exc, StageFailed) and exc.transient)
+
+
+class SlotTimeout(TimeoutError):
+    """A GPU stage waited slot_timeout_s for a slot of the GPU concurrency limit and got none."""
+
+
+@task(name="prune-workspaces", cache_policy=NO_CACHE, timeout_seconds=SETUP_TIMEOUT_S)
+def prune_workspaces(project: Path, current_run_id: str) -> list[str]:
+    """Remove the worktrees of earlier flow runs that have ended but left theirs (a killed worker or
+    flow-run process never reaches its cleanup); kept ones (`keep_workspace`) stay."""
+    dead = _finished_runs_with_worktrees(project, current_run_id)
+    for path in dead:
+        workspace.remove_worktree(project, path)
+    if dead:
+        get_run_logger().info("removed the worktrees of ended flow runs: %s", ", ".join(p.name for p in dead))
+    return [p.name for p in dead]
+
+
+def _finished_runs_with_worktrees(project: Path, current_run_id: str) -> list[Path]:
+    paths = {}
+    root = workspace.runs_dir(project)
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            run_id = UUID(path.name)
+        except ValueError:
+            continue  # not a flow run's worktree
+        if path.name != current_run_id:
+            paths[run_id] = path
+    if not paths:
+        return []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(paths))))
+    # A run this server does not know (one of a temporary server's) is left alone.
+    return [
+        paths[run.id] for run in runs
+        if run.state is not None and run.state.is_final() and not (run.parameters or {}).get("keep_workspace")
+    ]
 
 
 @task(name="validate-params", cache_policy=NO_CACHE, timeout_seconds=120)
@@ -204,15 +255,46 @@ def ensure_limit(name: str, slots: int = 1) -> None:
                 pass  # another run created it first
 
 
+def gpu_lease_s() -> float:
+    """Seconds a GPU slot outlives its run's last renewal (QLORA_GPU_LEASE_S, default 300, at least 60)."""
+    return max(60.0, float(os.environ.get(GPU_LEASE_ENV) or DEFAULT_GPU_LEASE_S))
+
+
 @contextmanager
-def gpu_slot(name: str, stage: str) -> Iterator[None]:
-    """Hold one slot of the GPU limit for a stage; waiting here does not count against its timeout."""
-    logger = get_run_logger()
-    logger.info("%s: waiting for a slot of concurrency limit %r", stage, name)
+def gpu_slot(name: str, stage: str, timeout_s: float = DEFAULT_SLOT_TIMEOUT_S, logger=None) -> Iterator[None]:
+    """Hold one slot of the GPU limit for a stage; waiting here does not count against its timeout,
+    and ends with SlotTimeout after timeout_s."""
+    logger = logger or get_run_logger()
+    lease_s = gpu_lease_s()
+    logger.info("%s: waiting for a slot of concurrency limit %r (at most %.0fs)", stage, name, timeout_s)
     waited = time.monotonic()
-    with concurrency(name, occupy=1, strict=True):
-        logger.info("%s: got the slot after %.0fs", stage, time.monotonic() - waited)
-        yield
+    acquired = False
+    try:
+        # A renewal that fails (the server restarting) must not stop a training: the lease then
+        # lapses at worst, and the server takes the slot back.
+        with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True,
+                         raise_on_lease_renewal_failure=False):
+            acquired = True
+            logger.info("%s: got the slot after %.0fs", stage, time.monotonic() - waited)
+            yield
+    except TimeoutError:
+        if acquired:
+            raise  # the stage's own timeout
+        raise SlotTimeout(_slot_timeout_message(name, stage, timeout_s, lease_s)) from None
+
+
+def _slot_timeout_message(name: str, stage: str, timeout_s: float, lease_s: float) -> str:
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        held = f"; {limit.active_slots} of its {limit.limit} slot(s) are held"
+    except (httpx.HTTPError, ObjectNotFound):
+        held = ""
+    return (
+        f"{stage}: no slot of concurrency limit {name!r} came free within {timeout_s:.0f}s (slot_timeout_s){held}. "
+        f"Another run is using the GPU, or a run that died still holds its slot until its lease lapses "
+        f"({lease_s:.0f}s after its last renewal); see Concurrency in the UI or `prefect gcl inspect {name}`."
+    )
 
 
 def _timeouts(overrides: dict[str, float] | None) -> dict[str, float]:
@@ -253,21 +335,32 @@ def qlora_pipeline(
     force: bool = False,
     timeouts_s: dict[str, float] | None = None,
     keep_workspace: bool = False,
+    default_overrides: dict[str, Any] | None = None,
+    slot_timeout_s: float = DEFAULT_SLOT_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Fine-tune, evaluate and register a QLoRA adapter: the DVC pipeline, run by Prefect.
 
     Args:
-        overrides: params.yaml values for this run, by dotted key, e.g. {"train.learning_rate": 1e-4}.
+        overrides: params.yaml values for this run, by dotted key, e.g. {"train.learning_rate": 1e-4};
+            merged over default_overrides, key by key.
         git_rev: the commit (branch, tag, sha) of the project to run; uncommitted edits are not used.
         force: reuse no earlier run's outputs, and run every stage even if DVC finds it up to date
             (`dvc repro --force`).
         timeouts_s: per-stage timeouts in seconds, e.g. {"train": 7200}; defaults in DEFAULT_TIMEOUTS_S.
         keep_workspace: keep the run's git worktree under .prefect/runs/ after the run (for debugging).
+        default_overrides: the deployment's `-S` values (`python -m flows.deploy -S ...`); a run's
+            `overrides` replace them per key, not as a whole.
+        slot_timeout_s: how long a GPU stage waits for a slot of the GPU concurrency limit before the
+            run fails (default 72 h).
     """
     logger = get_run_logger()
-    overrides = dict(overrides or {})
-    timeouts = _timeouts(timeouts_s)
     project = workspace.project_root()
+    if flow_run.id:
+        prune_workspaces(project, flow_run.id)
+    overrides = param_overrides.merge(default_overrides, overrides)
+    if default_overrides:
+        logger.info("overrides: %s (the deployment's defaults, with this run's on top)", redact(json.dumps(overrides)))
+    timeouts = _timeouts(timeouts_s)
     commit = workspace.resolve_commit(project, git_rev)
     if git_rev == "HEAD" and (dirty := workspace.uncommitted_changes(project)):
         logger.warning("running commit %s; uncommitted changes are not used: %s", commit[:10], ", ".join(dirty))
@@ -290,15 +383,19 @@ def qlora_pipeline(
         }
         limit = gpu_limit_name()
         ensure_limit(limit)
-        for stage in STAGES:
-            stage_task = STAGE_TASKS[stage].with_options(timeout_seconds=timeouts[stage])
-            if stage in GPU_STAGES:
-                with gpu_slot(limit, stage):
+        try:
+            for stage in STAGES:
+                stage_task = STAGE_TASKS[stage].with_options(timeout_seconds=timeouts[stage])
+                if stage in GPU_STAGES:
+                    with gpu_slot(limit, stage, slot_timeout_s):
+                        record.stages.append(stage_task(ws, extra_env, force))
+                else:
                     record.stages.append(stage_task(ws, extra_env, force))
-            else:
-                record.stages.append(stage_task(ws, extra_env, force))
-            if stage == "train" and flow_run.id:
-                tag_flow_run(flow_run.id, ws)
+                if stage == "train" and flow_run.id:
+                    tag_flow_run(flow_run.id, ws)
+        except Exception:
+            save_finished_stages(ws, record.stages)
+            raise
         record.experiment_commit = save_experiment(ws)
         return publish_summary(record, ws)
     finally:
@@ -306,6 +403,18 @@ def qlora_pipeline(
             logger.info("kept workspace %s", ws.path)
         else:
             workspace.remove(ws)
+
+
+def save_finished_stages(ws: Workspace, stages: list[StageResult]) -> None:
+    """After a failed stage: save what the stages before it made as the run's DVC experiment, so the
+    next run with the same inputs reuses it (a trained adapter is not trained again)."""
+    if not any(s.status != "up to date" for s in stages):
+        return  # nothing new: the outputs are an earlier experiment's, or there are none
+    try:
+        save_experiment(ws)
+    except Exception as exc:  # noqa: BLE001 - the stage's failure is the one to report
+        get_run_logger().warning("could not save the finished stages (%s) as DVC experiment %s: %s",
+                                 ", ".join(s.stage for s in stages), ws.experiment, exc)
 
 
 def _git_remote(project: Path) -> str | None:

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+from flows import prefect_env
 
-# Before prefect is imported: its settings are read once, at import.
-os.environ.setdefault("PREFECT_HOME", str(PROJECT / ".prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+PROJECT = Path(__file__).resolve().parents[1]
+prefect_env.apply(PROJECT)  # before prefect is imported: its settings are read once, at import
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m flows.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param for this run, e.g. -S train.learning_rate=1e-4 (repeatable)")
+                        help="override a param for this run, e.g. -S train.learning_rate=1e-4 (repeatable; "
+                             "values are YAML: 1e-4 is a number, '1e-4' a string)")
     parser.add_argument("--rev", default="HEAD", help="git commit, branch or tag to run (default: HEAD)")
     parser.add_argument("--force", action="store_true", help="run every stage: reuse no earlier outputs, even where DVC finds them up to date")
     parser.add_argument("--keep-workspace", action="store_true", help="keep the run's worktree under .prefect/runs/")
@@ -36,12 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from flows import overrides as param_overrides
     from flows.pipeline import qlora_pipeline
-    from qlora_pipeline.config import parse_override
     from qlora_pipeline.errors import ConfigError
 
     try:
-        overrides = {".".join(key): value for key, value in map(parse_override, args.overrides)}
+        overrides = param_overrides.parse(args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 """The markdown a flow run publishes: base vs tuned metrics, the registered version, and links
-to the MLflow run and the DVC experiment."""
+to the MLflow run and the DVC experiment (credentials in the tracking URI masked)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.dvc_stage import StageResult
+from flows.redact import redact
 
 MLFLOW_UI_ENV = "MLFLOW_UI_URL"
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # `make ui` serves the local SQLite store here
@@ -82,6 +83,11 @@ def metrics_table(eval_metrics: dict[str, Any]) -> list[str]:
 
 
 def render(record: RunRecord) -> str:
+    """The markdown, with the credentials of any URI in it (the tracking URI's links) masked."""
+    return redact(_render(record))
+
+
+def _render(record: RunRecord) -> str:
     reg, info = record.register, record.run_info
     lines = [f"# QLoRA pipeline run `{record.flow_run_name}`", ""]
 

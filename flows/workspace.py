@@ -22,7 +22,10 @@ from typing import Any, Iterator
 
 import yaml
 from ruamel.yaml import YAML
+from ruamel.yaml.nodes import ScalarNode
+from ruamel.yaml.representer import RoundTripRepresenter
 
+from flows.overrides import yaml_float
 from qlora_pipeline.config import PipelineConfig, apply_overrides, load_config, validate_params
 from qlora_pipeline.errors import ConfigError
 
@@ -212,12 +215,43 @@ def _checkout_data(ws: Workspace) -> tuple[str, ...]:
     return tuple(uncommitted)
 
 
+class _ParamsRepresenter(RoundTripRepresenter):
+    """Values as every reader of params.yaml reads them back: DVC (YAML 1.2) and the pipeline (YAML 1.1).
+
+    ruamel writes 1e-6 as `1e-06`, which YAML 1.1 reads as a string, and the string "yes" plain,
+    which YAML 1.1 reads as true.
+    """
+
+    def represent_float(self, data: float) -> ScalarNode:
+        return self.represent_scalar("tag:yaml.org,2002:float", yaml_float(data))
+
+    def represent_str(self, data: str) -> ScalarNode:
+        if _yaml11_reads_as_other(data):
+            return self.represent_scalar("tag:yaml.org,2002:str", data, style="'")
+        return super().represent_str(data)
+
+    def represent_none(self, data: None) -> ScalarNode:
+        return self.represent_scalar("tag:yaml.org,2002:null", "null")
+
+
+_ParamsRepresenter.add_representer(float, _ParamsRepresenter.represent_float)
+_ParamsRepresenter.add_representer(str, _ParamsRepresenter.represent_str)
+_ParamsRepresenter.add_representer(type(None), _ParamsRepresenter.represent_none)
+
+
+def _yaml11_reads_as_other(text: str) -> bool:
+    try:
+        return yaml.safe_load(text) != text
+    except yaml.YAMLError:
+        return False  # not a scalar YAML 1.1 reads plain; ruamel quotes what needs it
+
+
 def write_params(ws: Workspace, overrides: dict[str, Any]) -> None:
     """Write the overrides into the run's params.yaml, keeping its comments, and re-validate it."""
     params = ws.path / PARAMS_FILE
     rt = YAML()  # round-trip: comments survive, so the saved experiment diffs cleanly
     rt.preserve_quotes = True
-    rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    rt.Representer = _ParamsRepresenter
     doc = rt.load(params.read_text(encoding="utf-8"))
     for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
@@ -357,8 +391,13 @@ def save_experiment(ws: Workspace) -> str:
 
 
 def remove(ws: Workspace) -> None:
-    with repo_lock(ws.project):
-        _remove_locked(ws.project, ws.path)
+    remove_worktree(ws.project, ws.path)
+
+
+def remove_worktree(project: Path, path: Path) -> None:
+    """Remove a run's worktree (its files and git's record of it)."""
+    with repo_lock(project):
+        _remove_locked(project, path)
 
 
 def _remove_locked(project: Path, path: Path) -> None:

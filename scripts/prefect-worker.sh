@@ -14,4 +14,7 @@ if [ -z "${PREFECT_BIN:-}" ]; then
 fi
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+# Flow runs send a heartbeat this often; the automation flows/deploy.py creates marks a run Crashed
+# after three are missed (flows/prefect_env.py: HEARTBEAT_S, CRASHED_AFTER_S).
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
 exec "$PREFECT_BIN" worker start --pool "${POOL:-gpu}" --type process "$@"

@@ -150,8 +150,14 @@ def _end_with_orchestrator() -> None:
     else:
         return  # started by hand (a shell, nohup, a notebook): it is the user's to stop
 
+    def alive(process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
     def watch() -> None:
-        while all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in watched):
+        while all(alive(p) for p in watched):
             time.sleep(PARENT_POLL_S)
         log.warning("the process that started this stage (pid %s) ended; stopping", ", ".join(str(p.pid) for p in watched))
         os.kill(os.getpid(), signal.SIGTERM)

@@ -60,7 +60,8 @@ def test_deployment_is_queued_one_at_a_time_with_a_paused_schedule(prefect_env):
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
     assert [(s.schedule.cron, s.active) for s in deployment.schedules] == [("0 3 * * 1", False)]
-    assert deployment.parameters == {"overrides": {}}
+    assert deployment.parameters == {"default_overrides": {}, "overrides": {}}
+    assert deployment.job_variables == {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}}
     assert deployment.entrypoint == "flows/pipeline.py:qlora_pipeline"
 
 

@@ -150,6 +150,39 @@ def test_killing_dvc_stops_its_stage_and_keeps_the_checkpoints(tmp_path, mlflow_
     assert not lock.is_file() or "train:" not in lock.read_text()
 
 
+def test_two_trainings_of_the_same_params_never_share_checkpoints(tmp_path, mlflow_server):
+    """Same params, same checkpoint key: the second waits for the first, then trains on its own:
+    two MLflow runs, each with every step logged once, neither resumed from the other."""
+    from mlflow import MlflowClient
+
+    params = {"train.max_steps": 8, "train.save_steps": 2, "train.logging_steps": 1, "register.model_name": "qlora-twins"}
+    project = make_project(tmp_path, params)
+    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
+    run(["qlora", "prepare"], project, env)
+    first = start(["qlora", "train"], project, env)
+    wait_for(lambda: bool(checkpoints(project)), 300, "a checkpoint of the first", first)
+    first.send_signal(signal.SIGSTOP)  # the first is mid-training while the second arrives
+    try:
+        second = start(["qlora", "train"], project, env)
+
+        def second_waits() -> bool:
+            second.log.seek(0)
+            return "another training with the same params holds" in second.log.read()
+
+        wait_for(second_waits, 300, "the second to wait for the first", second)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    outputs = [finish(first, 600), finish(second, 600)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("qlora-pipeline")
+    runs = [r for r in client.search_runs(experiment.experiment_id) if r.data.params.get("register.model_name") == "qlora-twins"]
+    assert len(runs) == 2
+    for r in runs:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == list(range(1, 9))
+        assert "resumed_from" not in r.data.tags and r.info.status == "FINISHED"
+
+
 @pytest.fixture
 def registered(pipeline):
     """The project test_pipeline_dvc.py ran end to end (model qlora-test)."""

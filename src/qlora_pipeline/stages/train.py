@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 from transformers import TrainerCallback, set_seed
@@ -81,6 +83,30 @@ def log_data_report(paths) -> None:
     mlflow.log_figure(token_length_figure(read_histogram(paths.prepared / "lengths.csv")), "data/token_lengths.png")
 
 
+@contextmanager
+def one_training_per_checkpoint(checkpoint_dir: Path) -> Iterator[None]:
+    """Hold `<checkpoint_dir>.lock` while training into checkpoint_dir.
+
+    Two runs with the same params share a checkpoint key: without the lock the second resumes
+    from the first's checkpoints, both log into one MLflow run, and whichever ends first deletes
+    the folder under the other. The second waits, then trains on its own (the first removed its
+    checkpoints when it saved its adapter).
+    """
+    from filelock import FileLock, Timeout
+
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(checkpoint_dir) + ".lock")
+    try:
+        lock.acquire(timeout=1.0)
+    except Timeout:
+        log.info("another training with the same params holds %s; waiting for it to finish", lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _previous_run_id(checkpoint_dir: Path) -> str | None:
     info = checkpoint_dir / "mlflow_run.json"
     if any(checkpoint_dir.glob("checkpoint-*")) and info.is_file():
@@ -100,66 +126,67 @@ def run(ctx: StageContext) -> dict:
     collator = make_collator(tokenizer, cfg.data.packing, cfg.data.max_seq_len)
 
     checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    resume_run_id = _previous_run_id(checkpoint_dir)
-    tags = tracking.lineage_tags(paths, cfg, base_model_revision(model, resolved))
-    start = (
-        dict(run_id=resume_run_id, log_system_metrics=True)
-        if resume_run_id
-        else dict(experiment_id=experiment_id, run_name=tracking.run_name(f"qlora-{checkpoint_dir.name}"), log_system_metrics=True, tags=tags)
-    )
-    with tracking.active_run("train", **start) as run:
-        run_id = run.info.run_id
-        write_json_atomic(checkpoint_dir / "mlflow_run.json", {"run_id": run_id})
-        if not resume_run_id:
-            mlflow.log_params(cfg.flat())
-            mlflow.log_input(
-                mlflow.data.from_pandas(
-                    train_ds.select_columns(["source"]).to_pandas(),
-                    source=str(paths.prepared / "train.parquet"),
-                    name="train",
-                    digest=checkpoint_key(ctx),
-                ),
-                context="training",
-            )
-            log_data_report(paths)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        result = train_adapter(
-            model,
-            tokenizer,
-            train_ds,
-            collator,
-            cfg.train,
-            checkpoint_dir,
-            resolve_compute_dtype(cfg.quantization.compute_dtype),
-            callbacks=[MlflowMetricsCallback(resume_run_id)],
-            eval_dataset=eval_ds,
-            # padded, not packed: the eval loss as the evaluate stage computes it on the same split
-            eval_collator=make_collator(tokenizer, False, cfg.data.max_seq_len),
+    with one_training_per_checkpoint(checkpoint_dir):  # another run of the same params waits here
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        resume_run_id = _previous_run_id(checkpoint_dir)
+        tags = tracking.lineage_tags(paths, cfg, base_model_revision(model, resolved))
+        start = (
+            dict(run_id=resume_run_id, log_system_metrics=True)
+            if resume_run_id
+            else dict(experiment_id=experiment_id, run_name=tracking.run_name(f"qlora-{checkpoint_dir.name}"), log_system_metrics=True, tags=tags)
         )
-        summary = {
-            "train_loss": result.train_loss,
-            "global_step": result.global_step,
-            "train_runtime_s": round(result.train_runtime_s, 2),
-            "tokens_seen": result.tokens_seen,
-            "tokens_per_second": round(result.tokens_seen / result.train_runtime_s, 2) if result.train_runtime_s else 0.0,
-            "trainable_params": trainable,
-        }
-        if result.best_step is not None:  # train.eval_steps > 0: the adapter saved is this step's
-            summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
-        tracking.log_metrics_once({k: float(v) for k, v in summary.items() if v is not None})
-        if result.resumed_from:
-            mlflow.set_tag("resumed_from", Path(result.resumed_from).name)
+        with tracking.active_run("train", **start) as run:
+            run_id = run.info.run_id
+            write_json_atomic(checkpoint_dir / "mlflow_run.json", {"run_id": run_id})
+            if not resume_run_id:
+                mlflow.log_params(cfg.flat())
+                mlflow.log_input(
+                    mlflow.data.from_pandas(
+                        train_ds.select_columns(["source"]).to_pandas(),
+                        source=str(paths.prepared / "train.parquet"),
+                        name="train",
+                        digest=checkpoint_key(ctx),
+                    ),
+                    context="training",
+                )
+                log_data_report(paths)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            result = train_adapter(
+                model,
+                tokenizer,
+                train_ds,
+                collator,
+                cfg.train,
+                checkpoint_dir,
+                resolve_compute_dtype(cfg.quantization.compute_dtype),
+                callbacks=[MlflowMetricsCallback(resume_run_id)],
+                eval_dataset=eval_ds,
+                # padded, not packed: the eval loss as the evaluate stage computes it on the same split
+                eval_collator=make_collator(tokenizer, False, cfg.data.max_seq_len),
+            )
+            summary = {
+                "train_loss": result.train_loss,
+                "global_step": result.global_step,
+                "train_runtime_s": round(result.train_runtime_s, 2),
+                "tokens_seen": result.tokens_seen,
+                "tokens_per_second": round(result.tokens_seen / result.train_runtime_s, 2) if result.train_runtime_s else 0.0,
+                "trainable_params": trainable,
+            }
+            if result.best_step is not None:  # train.eval_steps > 0: the adapter saved is this step's
+                summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
+            tracking.log_metrics_once({k: float(v) for k, v in summary.items() if v is not None})
+            if result.resumed_from:
+                mlflow.set_tag("resumed_from", Path(result.resumed_from).name)
 
-        with atomic_dir(paths.adapter) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            tracking.write_run_info(paths, run_id, run.info.experiment_id, target=tmp / "run.json")
-        write_json_atomic(paths.metrics / "train.json", summary)
-        write_csv_atomic(paths.plots / "train_loss.csv", result.history, LOSS_PLOT_FIELDS)
-        write_csv_atomic(paths.plots / "eval_loss.csv", result.eval_history, EVAL_PLOT_FIELDS)
-        save_png(loss_figure(result.history, result.eval_history, result.best_step), paths.plots / "train_loss.png")
-        mlflow.log_artifacts(str(paths.adapter), artifact_path="adapter")
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is saved; nothing left to resume
+            with atomic_dir(paths.adapter) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                tracking.write_run_info(paths, run_id, run.info.experiment_id, target=tmp / "run.json")
+            write_json_atomic(paths.metrics / "train.json", summary)
+            write_csv_atomic(paths.plots / "train_loss.csv", result.history, LOSS_PLOT_FIELDS)
+            write_csv_atomic(paths.plots / "eval_loss.csv", result.eval_history, EVAL_PLOT_FIELDS)
+            save_png(loss_figure(result.history, result.eval_history, result.best_step), paths.plots / "train_loss.png")
+            mlflow.log_artifacts(str(paths.adapter), artifact_path="adapter")
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is saved; nothing left to resume
     log.info("trained %s steps, loss %.4f; adapter in %s (MLflow run %s)", result.global_step, result.train_loss, paths.adapter, run_id)
     return summary

@@ -53,7 +53,8 @@ def _redacted(uri: str) -> str:
 def setup(paths: ProjectPaths, experiment: str) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id.
 
-    Fails fast, before any training, when the tracking server cannot be reached.
+    Fails fast, before any training, when the tracking server cannot be reached or the
+    experiment's artifact location belongs to the other mode (artifact_mismatch).
     """
     import mlflow
 
@@ -65,18 +66,46 @@ def setup(paths: ProjectPaths, experiment: str) -> str:
         if uri.startswith(("http://", "https://")):
             _probe(uri)
         found = mlflow.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
-        artifact_location = None
-        if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is
-            artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-        return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        if found is None:
+            artifact_location = None
+            if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is
+                artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+            return mlflow.create_experiment(experiment, artifact_location=artifact_location)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot reach the store"
         raise TransientError(
             f"MLflow tracking store {_redacted(uri)} cannot be reached ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); start it with mlflow/server.sh, "
             f"or set MLFLOW_TRACKING_URI to a reachable server (unset it for the local store under mlflow/)"
         ) from None
+    mismatch = artifact_mismatch(uri, experiment, found.artifact_location)
+    if mismatch:
+        raise RegistryError(mismatch)
+    return found.experiment_id
+
+
+def artifact_mismatch(uri: str, experiment: str, location: str) -> str | None:
+    """Why this client cannot use the experiment's artifact location, or None.
+
+    An experiment created through a server (mlflow/server.sh) keeps artifacts at
+    `mlflow-artifacts:/...`, which only a server resolves; one created with the local store keeps
+    them at a file path, which a server's clients would write to around its proxy
+    (--artifacts-destination). Either way the fix is the matching mode or a new experiment.
+    """
+    remote = uri.startswith(("http://", "https://"))
+    if not remote and location.startswith("mlflow-artifacts:"):
+        return (
+            f"MLflow experiment {experiment!r} was created through a tracking server (artifacts at {location}); "
+            "the local store cannot read or write them. Start the server over this store (mlflow/server.sh) and "
+            "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000, or set tracking.experiment to a new name"
+        )
+    if remote and location.startswith("file:"):
+        return (
+            f"MLflow experiment {experiment!r} was created with a local store (artifacts at {location}); through "
+            f"the server {_redacted(uri)} its artifacts would be written to that path around the server. Unset "
+            "MLFLOW_TRACKING_URI to keep using the local store, or set tracking.experiment to a new name "
+            "(created through the server)"
+        )
+    return None
 
 
 def _probe(uri: str, timeout_s: float = 10.0) -> None:

@@ -205,15 +205,28 @@ def _run(stage: Callable, params: Path, overrides: list[str] | None, *args, verb
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:  # noqa: BLE001 - only a full disk is handled here; the rest re-raises
+        if not _disk_full(exc):
             raise
+        where = getattr(exc, "filename", None) or ("the MLflow store (SQLite)" if "sqlite" in str(exc).lower() else "an output")
         err.print(
-            f"[bold red]error:[/] no space left on the device while writing {exc.filename or 'an output'}; "
-            "free some disk space and run the stage again (outputs already in place were left unchanged)",
+            f"[bold red]error:[/] no space left on the device while writing {where}; free some disk space and "
+            "run the stage again (outputs already in place were left unchanged; a training resumes from its last "
+            "checkpoint)",
             highlight=False,
         )
         raise typer.Exit(28) from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, or SQLite's "database or disk is full" wrapped by SQLAlchemy and MLflow."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @app.command()

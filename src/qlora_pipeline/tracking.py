@@ -233,13 +233,19 @@ def _end(run_id: str, stage: str, status: str, reason: str | None, owner: bool) 
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    tags = client.get_run(run_id).data.tags
-    prefix = f"stage.{stage}."
-    client.set_tag(run_id, prefix + "status", status)
-    _move_reason(client, run_id, tags, prefix + "failure_reason", reason)
-    if owner:
-        _move_reason(client, run_id, tags, "failure_reason", reason)
-    mlflow.end_run(status if owner else "FINISHED")
+    try:
+        tags = client.get_run(run_id).data.tags
+        prefix = f"stage.{stage}."
+        client.set_tag(run_id, prefix + "status", status)
+        _move_reason(client, run_id, tags, prefix + "failure_reason", reason)
+        if owner:
+            _move_reason(client, run_id, tags, "failure_reason", reason)
+    except Exception as exc:  # noqa: BLE001 - a store that cannot take tags (full disk) must still end the run
+        if reason is None:
+            raise
+        log.warning("could not record the failure on MLflow run %s (%s)", run_id, str(exc).splitlines()[0][:200])
+    finally:
+        mlflow.end_run(status if owner else "FINISHED")
 
 
 def _move_reason(client, run_id: str, tags: dict, key: str, reason: str | None) -> None:

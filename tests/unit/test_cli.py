@@ -1,0 +1,64 @@
+"""The command line: version, the full-disk message, which parent processes a stage ends with."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from qlora_pipeline.cli import _disk_full, _is_orchestrator
+
+
+def test_version_names_the_stack():
+    out = subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("qlora-pipeline ") and "torch " in out and "bitsandbytes " in out
+
+
+def _wrapped_sqlite_full() -> Exception:
+    """What MLflow raises on a full disk: MlflowException from SQLAlchemy from sqlite3."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        try:
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as low:
+                raise OperationalError("INSERT INTO metrics ...", {}, low) from low
+        except OperationalError as mid:
+            raise MlflowException(f"(raised as a result of Query-invoked autoflush) {mid}") from mid
+    except MlflowException as top:
+        return top
+
+
+@pytest.mark.parametrize(
+    "exc, full",
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/x/model.safetensors"), True),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (_wrapped_sqlite_full(), True),
+        (RuntimeError("something else"), False),
+    ],
+)
+def test_a_full_disk_is_recognised_however_it_is_wrapped(exc, full):
+    assert _disk_full(exc) is full
+
+
+@pytest.mark.parametrize(
+    "cmdline, expected",
+    [
+        (["/p/.venv/bin/python", "/p/.venv/bin/dvc", "repro"], True),
+        (["dvc", "exp", "run"], True),
+        (["/usr/bin/python3", "-m", "dvc", "repro", "--single-item", "train"], True),
+        (["/p/.venv/bin/python", "/p/.venv/bin/prefect", "worker", "start"], True),
+        (["bash", "-c", "qlora train"], False),
+        (["/home/dvc/venv/bin/python", "train.py"], False),  # "dvc" in a path is not DVC
+        (["nohup", "qlora", "train"], False),
+    ],
+)
+def test_which_parents_a_stage_ends_with(cmdline, expected):
+    assert _is_orchestrator(cmdline) is expected

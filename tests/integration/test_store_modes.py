@@ -40,3 +40,30 @@ def test_queued_and_temp_experiments_record_into_the_projects_store(tmp_path, mo
     assert tracking.tracking_uri(ProjectPaths.at(copy)) == f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
     monkeypatch.delenv("DVC_ROOT")
     assert tracking.tracking_uri(ProjectPaths.at(copy)) == f"sqlite:///{copy / 'mlflow' / 'mlflow.db'}"
+
+
+def test_a_temp_experiment_records_into_the_projects_store(tmp_path):
+    """`dvc exp run --temp` runs the stages in a throw-away copy (as `dvc queue` does): the run and
+    the registered version land in the project's mlflow/ store, and the next commands find them."""
+    import json
+    import os
+
+    from mlflow import MlflowClient
+
+    from .conftest import make_project, project_env, run
+
+    project = make_project(tmp_path / "p", {"train.max_steps": 2, "evaluate.num_samples": 0, "evaluate.max_eval_rows": 8,
+                                            "register.model_name": "qlora-temp"})
+    env = project_env(project)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run(["dvc", "exp", "run", "--temp", "-n", "in-a-temp-dir", "-S", "train.learning_rate=0.002"], project, env)
+    store = project / "mlflow" / "mlflow.db"
+    assert store.is_file(), os.listdir(project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
+    version = client.get_model_version("qlora-temp", "1")
+    assert version.tags["dvc_experiment"] == "in-a-temp-dir"
+    assert client.get_run(version.run_id).info.run_name == "in-a-temp-dir"
+    promoted = run(["qlora", "promote", "--version", "1", "--reason", "after a temp run"], project, env)
+    assert promoted.returncode == 0
+    listed = json.loads(run(["qlora", "versions", "--json"], project, env).stdout)
+    assert [r["version"] for r in listed] == [1] and "champion" in listed[0]["aliases"]

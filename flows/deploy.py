@@ -13,7 +13,7 @@ with at most `--concurrency-limit` runs at once (default 1; more are queued, not
 example cron schedule that stays paused until you turn it on in the UI or pass --activate-schedule.
 `-S` values are the deployment's `default_overrides`: a run's `overrides` replace them key by key.
 Deploying also creates (or updates) the automation that marks a run Crashed when its heartbeats
-stop (a killed worker), which gives its concurrency slots back.
+stop (a killed worker), which frees the deployment's run slot for the next run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows import prefect_env  # noqa: E402
+from flows import prefect_env
 
 PROJECT = Path(__file__).resolve().parents[1]
 prefect_env.apply(PROJECT)
@@ -76,7 +76,7 @@ def crash_automation(crashed_after_s: float = prefect_env.CRASHED_AFTER_S) -> Au
     return AutomationCore(
         name=CRASH_AUTOMATION,
         description=f"A {FLOW_NAME} run whose worker or process died stops sending heartbeats "
-                    f"(every {prefect_env.HEARTBEAT_S}s); mark it Crashed, which releases its concurrency slots.",
+                    f"(every {prefect_env.HEARTBEAT_S}s); mark it Crashed, which frees its deployment's run slot.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.*"},

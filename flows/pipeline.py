@@ -104,12 +104,16 @@ class SlotTimeout(TimeoutError):
 def prune_workspaces(project: Path, current_run_id: str) -> list[str]:
     """Remove the worktrees of earlier flow runs that have ended but left theirs (a killed worker or
     flow-run process never reaches its cleanup); kept ones (`keep_workspace`) stay."""
-    dead = _finished_runs_with_worktrees(project, current_run_id)
-    for path in dead:
-        workspace.remove_worktree(project, path)
-    if dead:
-        get_run_logger().info("removed the worktrees of ended flow runs: %s", ", ".join(p.name for p in dead))
-    return [p.name for p in dead]
+    removed = []
+    for path in _finished_runs_with_worktrees(project, current_run_id):
+        try:
+            workspace.remove_worktree(project, path)
+            removed.append(path.name)
+        except workspace.WorkspaceError as exc:  # this run does not need it gone
+            get_run_logger().warning("could not remove the worktree of ended flow run %s: %s", path.name, exc)
+    if removed:
+        get_run_logger().info("removed the worktrees of ended flow runs: %s", ", ".join(removed))
+    return removed
 
 
 def _finished_runs_with_worktrees(project: Path, current_run_id: str) -> list[Path]:
@@ -211,10 +215,11 @@ STAGE_TASKS = {"prepare": prepare, "train": train, "evaluate": evaluate, "regist
 
 
 @task(name="save-experiment", cache_policy=NO_CACHE, timeout_seconds=SETUP_TIMEOUT_S)
-def save_experiment(ws: Workspace) -> str:
-    """Save params, dvc.lock and outputs as a DVC experiment; returns its commit."""
-    sha = workspace.save_experiment(ws)
-    get_run_logger().info("saved DVC experiment %s (%s)", ws.experiment, sha[:10])
+def save_experiment(ws: Workspace, stages: list[str] | None = None) -> str:
+    """Save params, dvc.lock and outputs (of `stages` only, if given) as a DVC experiment; returns its commit."""
+    sha = workspace.save_experiment(ws, stages)
+    get_run_logger().info("saved DVC experiment %s (%s)%s", ws.experiment, sha[:10],
+                          f" with the finished stages {', '.join(stages)}" if stages else "")
     return sha
 
 
@@ -411,7 +416,7 @@ def save_finished_stages(ws: Workspace, stages: list[StageResult]) -> None:
     if not any(s.status != "up to date" for s in stages):
         return  # nothing new: the outputs are an earlier experiment's, or there are none
     try:
-        save_experiment(ws)
+        save_experiment(ws, [s.stage for s in stages])
     except Exception as exc:  # noqa: BLE001 - the stage's failure is the one to report
         get_run_logger().warning("could not save the finished stages (%s) as DVC experiment %s: %s",
                                  ", ".join(s.stage for s in stages), ws.experiment, exc)

@@ -376,12 +376,16 @@ def _blob(project: Path, sha: str, rel: str) -> bytes:
     return _run_bytes(["git", "show", f"{sha}:{rel}"], project)
 
 
-def save_experiment(ws: Workspace) -> str:
-    """Save the run's params, dvc.lock and outputs as a DVC experiment; returns its commit sha."""
+def save_experiment(ws: Workspace, stages: list[str] | None = None) -> str:
+    """Save the run's params, dvc.lock and outputs as a DVC experiment; returns its commit sha.
+
+    stages: only these (the ones that finished, when a later one failed); `dvc exp save` would
+    otherwise commit every stage and fail on the outputs of those that never ran.
+    """
     extra = [*ws.uncommitted_data, *small_uncached_outputs(ws)]
     untracked = [arg for rel in extra for arg in ("--include-untracked", rel)]
     with repo_lock(ws.project):
-        dvc(ws.path, "exp", "save", "--quiet", "--name", ws.experiment, *untracked)
+        dvc(ws.path, "exp", "save", "--quiet", "--name", ws.experiment, *untracked, *(stages or []))
     refs = git(ws.project, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps")
     for line in refs.splitlines():
         ref, sha = line.split()

@@ -208,7 +208,8 @@ def run(ctx: StageContext) -> dict:
         }
         record = {"model_name": reg.model_name, "run_id": run_id, "metric": reg.metric, **numbers, "reason": decision.reason}
         mlflow.set_tags({"registered_version": version, "promoted": str(decision.promote)})
-        write_json_atomic(paths.metrics / "register.json", numbers)  # numbers only: `dvc exp show` columns
+        # Numbers only (`dvc exp show` columns): booleans as 0/1, no score is left out rather than null.
+        write_json_atomic(paths.metrics / "register.json", {k: int(v) if isinstance(v, bool) else v for k, v in numbers.items() if v is not None})
         write_json_atomic(paths.reports / "register.json", record)
     log.info("registered %s v%s (%s); %s", reg.model_name, version, "promoted to champion" if decision.promote else "not promoted", decision.reason)
     return record

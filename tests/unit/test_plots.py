@@ -83,15 +83,15 @@ def test_eval_during_training_keeps_the_best_checkpoint(tiny_model, tiny_cfg, tm
     torch.manual_seed(cfg.train.seed)  # the LoRA init, whatever ran before (as the train stage seeds it)
     model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
     a, b = 100, 101
-    sent_to_mlflow: list[tuple[int, dict]] = []
-    monkeypatch.setattr(mlflow, "log_metrics", lambda metrics, step=None: sent_to_mlflow.append((step, metrics)))
-
-    result = train_adapter(
-        model, tokenizer, _rows([[a, b] * (8 + i % 4) for i in range(24)]), make_collator(tokenizer, False, 64), cfg.train,
-        tmp_path / "ckpt", resolve_compute_dtype(cfg.quantization.compute_dtype),
-        callbacks=[MlflowMetricsCallback()],
-        eval_dataset=_rows([[a] * 24] * 8), eval_collator=make_collator(tokenizer, False, 64),
-    )
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a real local store
+    with mlflow.start_run() as run:
+        result = train_adapter(
+            model, tokenizer, _rows([[a, b] * (8 + i % 4) for i in range(24)]), make_collator(tokenizer, False, 64), cfg.train,
+            tmp_path / "ckpt", resolve_compute_dtype(cfg.quantization.compute_dtype),
+            callbacks=[MlflowMetricsCallback()],
+            eval_dataset=_rows([[a] * 24] * 8), eval_collator=make_collator(tokenizer, False, 64),
+        )
+    sent_to_mlflow = [(m.step, {"eval_loss": m.value}) for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_loss")]
 
     losses = {row["step"]: row["eval_loss"] for row in result.eval_history}
     assert list(losses) == [2, 4, 6] and all(math.isfinite(v) for v in losses.values())

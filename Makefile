@@ -48,8 +48,10 @@ exps: setup
 	  --keep '^(eval_loss|perplexity|chrf|exact_match|train_loss|best_eval_loss)$$' \
 	  --drop '^(data|models|metrics|src)/|^base_models$$'
 
+# Two workers (TEST_WORKERS): each module runs whole on one, the longest first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: models
-	. $(VENV)/bin/activate && python -m pytest -q
+	. $(VENV)/bin/activate && python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-fast: setup
 	. $(VENV)/bin/activate && python -m pytest -q -m "not integration"

@@ -3,11 +3,44 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _committed_params() -> Path:
+    """params.yaml as committed (HEAD): `dvc exp run -S` (make demo) leaves the working copy's
+    params changed, and tests start from the defaults. Outside a git checkout, the file itself."""
+    out = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        return DEFAULT_PARAMS
+    path = Path(tempfile.mkdtemp(prefix="qlora-tests-")) / "params.yaml"
+    path.write_text(out.stdout)
+    return path
+
+
+DEFAULT_PARAMS = _committed_params()
+
+# `make test` spreads the suite over workers (pytest-xdist, --dist loadgroup): each module runs
+# whole on one worker (its module fixtures are built once), the longest first, so the waits of the
+# Prefect tests overlap the CPU work of the others. Modules not listed follow in file order.
+LONGEST_FIRST = (
+    "integration/test_prefect_flow.py",
+    "integration/test_prefect_faults.py",
+    "integration/test_registry.py",
+    "integration/test_reliability.py",
+    "integration/test_real_model.py",
+    "integration/test_pipeline_dvc.py",
+    "integration/test_data_deps.py",
+    "integration/test_store_modes.py",
+    "integration/test_dvc_views.py",
+    "integration/test_bad_inputs.py",
+    "integration/test_output.py",
+)
 
 # No test may reach a model hub or phone home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +66,7 @@ def tiny_cfg():
 
     def make(*overrides: str):
         return load_config(
-            REPO / "params.yaml",
+            DEFAULT_PARAMS,
             [
                 "model.name=builtin:tiny-llama",
                 "data.max_seq_len=64",
@@ -62,3 +95,14 @@ def tiny_model(tiny_cache, tiny_cfg):
     tokenizer = load_tokenizer(cfg.model, resolved)
     ensure_pad_token(tokenizer)
     return cfg, tokenizer, load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
+
+
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per module, modules in LONGEST_FIRST order (see there)."""
+    def module(item) -> str:
+        return Path(item.fspath).relative_to(REPO / "tests").as_posix()
+
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(module(item).removesuffix(".py").replace("/", ".")))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..conftest import REPO
+from ..conftest import DEFAULT_PARAMS, REPO
 
 BIN = Path(sys.executable).parent
 TINY_PARAMS = {
@@ -111,8 +111,18 @@ def set_params(project: Path, values: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 900):
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 600):
+    """Run cmd in its own process group; on timeout the whole group is killed (a stage's process
+    would otherwise keep the output pipes open) and what it printed so far is shown."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} ran over {timeout}s:\n{stdout[-4000:]}\n{stderr[-6000:]}") from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
@@ -124,6 +134,7 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, target)
+    shutil.copy2(DEFAULT_PARAMS, dest / "params.yaml")  # the defaults, not a demo's `-S` leftovers
     set_params(dest, {**TINY_PARAMS, **(params or {})})
     env = project_env(dest)
     run(["git", "init", "-q"], dest)
@@ -138,7 +149,7 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
 
 def small_project(dest: Path) -> Path:
     """A bare project (params.yaml for the tiny model, 40 instruction rows), no git or DVC."""
-    (dest / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    shutil.copy2(DEFAULT_PARAMS, dest / "params.yaml")
     set_params(dest, TINY_PARAMS)
     raw = dest / "data" / "raw"
     raw.mkdir(parents=True)

@@ -27,7 +27,7 @@ def test_worktrees_reuse_outputs_only_where_dvc_finds_the_inputs_unchanged(tmp_p
     for key, value in project_env(project).items():
         monkeypatch.setenv(key, value)
     run([*DVC, "repro", "--single-item", "prepare"], project)
-    run(["git", "add", "dvc.lock", "data/raw.dvc", "metrics/data.json", "plots/token_lengths.csv"], project)
+    run(["git", "add", "dvc.lock", "data/raw.dvc", "metrics/data.json", "plots/token_lengths.csv", "plots/token_lengths.png"], project)
     run(["git", "commit", "-qm", "prepared"], project)
     commit = workspace.resolve_commit(project, "HEAD")
     lock = (project / "dvc.lock").read_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import make_project, project_env, run, set_params
+from .conftest import make_project, project_env, run, set_params, stop
 from .test_reliability import finish, start
 
 pytestmark = pytest.mark.integration
@@ -152,9 +152,12 @@ def test_concurrent_registrations_leave_the_best_as_champion(champion_project, t
     proxy = SlowChampionProxy(mlflow_server)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     qlora = str(Path(env["PATH"].split(":")[0]) / "qlora")
+    a = b = None
     try:
         b = start([qlora, "register"], projects["b"], {**env, "MLFLOW_TRACKING_URI": proxy.url})
-        assert proxy.held.wait(600), "B never wrote the champion alias"
+        while not proxy.held.wait(1.0):
+            if b.poll() is not None:
+                pytest.fail(f"B ended ({b.returncode}) without writing the champion alias:\n{finish(b, 1)}")
         a = start([qlora, "register"], projects["a"], env)
         # Hold B's write until A has decided (without a lock) or is waiting for B's decision.
         deadline = time.monotonic() + MAX_HOLD_S
@@ -168,6 +171,9 @@ def test_concurrent_registrations_leave_the_best_as_champion(champion_project, t
     finally:
         proxy.release.set()
         proxy.shutdown()
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                stop(proc)
     assert a.returncode == 0 and b.returncode == 0, outputs
     records = {k: json.loads((projects[k] / "reports/register.json").read_text()) for k in projects}
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)

@@ -7,11 +7,11 @@ import pytest
 from qlora_pipeline.config import apply_overrides, load_config, validate_params
 from qlora_pipeline.errors import ConfigError
 
-from ..conftest import REPO
+from ..conftest import DEFAULT_PARAMS, REPO
 
 
 def test_default_params_validate():
-    cfg = load_config(REPO / "params.yaml")
+    cfg = load_config(DEFAULT_PARAMS)
     assert cfg.model.name == "facebook/opt-125m"
     assert cfg.quantization.load_in_4bit and cfg.quantization.quant_type == "nf4" and cfg.quantization.double_quant
     assert cfg.model.trust_remote_code is False
@@ -38,19 +38,19 @@ def test_default_params_validate():
 )
 def test_bad_params_name_the_key(override, expected):
     with pytest.raises(ConfigError) as info:
-        load_config(REPO / "params.yaml", [override])
+        load_config(DEFAULT_PARAMS, [override])
     assert expected in str(info.value)
 
 
 def test_overrides_beat_the_file_and_parse_yaml():
-    cfg = load_config(REPO / "params.yaml", ["train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]"])
+    cfg = load_config(DEFAULT_PARAMS, ["train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]"])
     assert cfg.train.learning_rate == 1e-4
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
 
 
 def test_override_needs_key_and_value():
     with pytest.raises(ConfigError, match="expected section.key=value"):
-        load_config(REPO / "params.yaml", ["train.learning_rate"])
+        load_config(DEFAULT_PARAMS, ["train.learning_rate"])
 
 
 def test_missing_params_file(tmp_path):

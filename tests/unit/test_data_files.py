@@ -19,7 +19,7 @@ from qlora_pipeline.core.data.sources import glob_to_regex, read_file, resolve_f
 from qlora_pipeline.core.tiny import build_tiny_tokenizer
 from qlora_pipeline.errors import ConfigError, DataError
 
-from ..conftest import REPO
+from ..conftest import DEFAULT_PARAMS, REPO
 
 ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"} for i in range(8)]
 # Each text format holding ROWS, with the line each row starts on.
@@ -309,7 +309,7 @@ def test_per_file_mapping_is_written_as_a_list_mlflow_can_log():
 )
 def test_qlora_set_reads_the_dvc_syntax(tmp_path, start, override, expected):
     params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text())
+    params.write_text((DEFAULT_PARAMS).read_text())
     raw = apply_overrides(yaml.safe_load(params.read_text()), {"data.columns": start})
     params.write_text(yaml.safe_dump(raw))
     assert load_config(params, [override]).data.columns == expected

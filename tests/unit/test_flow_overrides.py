@@ -13,7 +13,7 @@ from flows import overrides as param_overrides
 from flows import workspace
 from qlora_pipeline.errors import ConfigError
 
-from ..conftest import REPO
+from ..conftest import DEFAULT_PARAMS, REPO
 
 # -S line -> the value params.yaml must hold, as every reader of it sees it
 TYPED = {
@@ -79,7 +79,7 @@ def test_floats_are_written_as_floats_for_yaml_1_1_and_1_2(value):
 
 def test_the_runs_params_yaml_holds_the_typed_values_for_dvc_and_the_pipeline(tmp_path):
     """`python -m flows.run -S train.learning_rate=1e-6`: DVC records a float, not '1e-6'."""
-    shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy2(DEFAULT_PARAMS, tmp_path / "params.yaml")
     before = (tmp_path / "params.yaml").read_text()
     ws = workspace.Workspace(project=tmp_path, path=tmp_path, commit="0" * 40, experiment="e")
     overrides = param_overrides.parse(list(TYPED))

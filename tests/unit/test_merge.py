@@ -15,9 +15,9 @@ from qlora_pipeline.errors import MergeError
 def adapter_dir(tiny_cache, tmp_path_factory):
     from qlora_pipeline.config import load_config
 
-    from ..conftest import REPO
+    from ..conftest import DEFAULT_PARAMS
 
-    cfg = load_config(REPO / "params.yaml", ["model.name=builtin:tiny-llama"])
+    cfg = load_config(DEFAULT_PARAMS, ["model.name=builtin:tiny-llama"])
     resolved = resolve_model(cfg.model, tiny_cache)
     model = apply_lora(load_base_model(cfg.model, cfg.quantization, resolved), cfg.lora, False)
     generator = torch.Generator().manual_seed(0)

@@ -29,7 +29,7 @@ from qlora_pipeline.core.model import (
 )
 from qlora_pipeline.core.train import train_adapter
 
-from ..conftest import REPO
+from ..conftest import DEFAULT_PARAMS, REPO
 
 MODES = {
     "nf4-double": [],
@@ -46,7 +46,7 @@ TRAIN = [
 
 
 def make_cfg(model_name: str, *overrides: str):
-    return load_config(REPO / "params.yaml", [f"model.name={model_name}", *TRAIN, *overrides])
+    return load_config(DEFAULT_PARAMS, [f"model.name={model_name}", *TRAIN, *overrides])
 
 
 @dataclass

@@ -23,7 +23,7 @@ from qlora_pipeline.core.data.encode import end_of_turn_token, stop_token_ids
 from qlora_pipeline.core.evaluate import chat_prompt, generate, set_stop_tokens
 from qlora_pipeline.core.tiny import build_tiny_model, build_tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+from ..conftest import DEFAULT_PARAMS, REPO
 
 # Qwen2.5's chat template (tool use included), as its tokenizer_config.json ships it.
 QWEN25_TEMPLATE = (
@@ -384,7 +384,7 @@ def test_configured_chat_template_is_in_the_adapter_tokenizer_and_free_form_eval
 
     monkeypatch.setenv("QLORA_CACHE_DIR", str(tiny_cache))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(DEFAULT_PARAMS, tmp_path / "params.yaml")
     write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CONVERSATIONS] * 2 + [{"text": "a document"}])
     ctx = context(
         tmp_path / "params.yaml",

@@ -97,6 +97,7 @@ def tiny_model(tiny_cache, tiny_cfg):
     return cfg, tokenizer, load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
 def pytest_collection_modifyitems(config, items):
     """One xdist group per module, modules in LONGEST_FIRST order (see there)."""
     def module(item) -> str:

@@ -310,6 +310,11 @@ class TrainConfig(_Section):
     def _eval_fits_schedule(self) -> "TrainConfig":
         if not self.eval_steps:
             return self
+        if self.max_steps > 0 and self.eval_steps > self.max_steps:
+            raise ValueError(
+                f"eval_steps ({self.eval_steps}) is past the last step (max_steps {self.max_steps}): the eval curve "
+                f"would have one point; set eval_steps to at most {self.max_steps}, or 0 to turn it off"
+            )
         if self.save_steps % self.eval_steps:
             lower = self.save_steps // self.eval_steps * self.eval_steps
             options = f"{lower} or {lower + self.eval_steps}" if lower else f"{self.eval_steps}"
@@ -355,6 +360,17 @@ class RegisterConfig(_Section):
     merge leaves float32 rounding only (under 1e-5 measured on the tiny model and SmolLM2-135M);
     storing the merge in merge_dtype is checked apart, by reloading the saved files exactly."""
 
+
+    @field_validator("model_name")
+    @classmethod
+    def _registry_name(cls, v: str) -> str:
+        """MLflow's rule for registered model names (mlflow.utils.validation._validate_model_name)."""
+        if v.strip() != v or any(c in v for c in "/:") or v in (".", ".."):
+            raise ValueError(
+                f"{v!r} is not a registered model name: MLflow refuses '/' and ':' (and surrounding spaces); "
+                "use letters, digits, '-', '_' and '.', e.g. qlora-mistral-support, or auto"
+            )
+        return v
 
     @property
     def greater_is_better(self) -> bool:

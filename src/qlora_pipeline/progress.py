@@ -99,16 +99,22 @@ def _stop_display() -> None:
     _display, _open_bars = None, 0
 
 
+PLAIN_EVERY_S = 30.0  # off a terminal, a bar's plain progress line comes at most this often
+
+
 class Bar:
-    """One progress bar; a row of the live display on a terminal, nothing drawn elsewhere.
+    """One progress bar; a row of the live display on a terminal. Elsewhere, with plain=True, a log
+    line every PLAIN_EVERY_S at most (training reports its own lines through report()).
 
     keep=True leaves the finished bar on screen (training); otherwise it vanishes when closed.
     """
 
-    def __init__(self, description: str, total: float | None, *, completed: float = 0, keep: bool = False) -> None:
+    def __init__(self, description: str, total: float | None, *, completed: float = 0, keep: bool = False,
+                 plain: bool = True) -> None:
         global _open_bars
-        self.description, self.total, self.completed, self.keep = description, total, completed, keep
+        self.description, self.total, self.completed, self.keep, self.plain = description, total, completed, keep, plain
         self._started_at, self._started_from = time.perf_counter(), completed
+        self._reported_at = self._started_at
         self._task: TaskID | None = None
         if live():
             self._task = _start_display().add_task(description, total=total, completed=completed, info="")
@@ -120,6 +126,11 @@ class Bar:
         if self._task is not None and _display is not None:
             fields = {} if info is None else {"info": info}
             _display.update(self._task, completed=self.completed, **fields)
+        elif self._task is None and self.plain and time.perf_counter() - self._reported_at >= PLAIN_EVERY_S:
+            # Off a terminal (DVC, Prefect, CI logs): a line now and then, so a long step is not silent.
+            self._reported_at = time.perf_counter()
+            total = f"/{self.total:g}" if self.total else ""
+            log.info("%s: %g%s, ETA %s", self.description, self.completed, total, format_eta(self.eta_s()))
 
     def eta_s(self) -> float | None:
         """Seconds left at the mean speed since the bar opened; None before any progress."""
@@ -153,6 +164,6 @@ class Bar:
         self.close()
 
 
-def bar(description: str, total: float | None, *, completed: float = 0, keep: bool = False) -> Bar:
+def bar(description: str, total: float | None, *, completed: float = 0, keep: bool = False, plain: bool = True) -> Bar:
     """A progress bar for a long step; use it as a context manager, or call close()."""
-    return Bar(description, total, completed=completed, keep=keep)
+    return Bar(description, total, completed=completed, keep=keep, plain=plain)

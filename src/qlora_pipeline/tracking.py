@@ -185,8 +185,13 @@ def lineage_tags(paths: ProjectPaths, cfg: PipelineConfig, base_revision: str) -
     }
 
 
-def write_run_info(paths: ProjectPaths, run_id: str, experiment_id: str, target: Path | None = None) -> None:
-    write_json_atomic(target or paths.run_info, {"run_id": run_id, "experiment_id": experiment_id})
+def write_run_info(paths: ProjectPaths, run_id: str, experiment_id: str, target: Path | None = None,
+                   checkpoint_dir: Path | None = None) -> None:
+    """models/adapter/run.json: the MLflow run, and the checkpoints the training left for a rerun."""
+    info = {"run_id": run_id, "experiment_id": experiment_id}
+    if checkpoint_dir is not None:
+        info["checkpoint_dir"] = checkpoint_dir.name
+    write_json_atomic(target or paths.run_info, info)
 
 
 def read_run_id(paths: ProjectPaths) -> str:

@@ -90,7 +90,8 @@ def test_sigkill_and_partial_checkpoint_resume(tmp_path, mlflow_server, referenc
     (newest / "trainer_state.json").write_text('{"global_st')
     run_info = json.loads(next(project.glob("checkpoints/*/mlflow_run.json")).read_text())
 
-    again = run(["dvc", "repro", "train"], project, project_env(project, MLFLOW_TRACKING_URI=mlflow_server))
+    # resumed by another attempt (a flow run's retry, another experiment): the run takes its name
+    again = run(["dvc", "repro", "train"], project, project_env(project, MLFLOW_TRACKING_URI=mlflow_server, QLORA_RUN_NAME="second-attempt"))
     log = again.stdout + again.stderr
     assert f"skipping incomplete checkpoint" in log and f"resuming from" in log and previous.name in log
 
@@ -103,9 +104,38 @@ def test_sigkill_and_partial_checkpoint_resume(tmp_path, mlflow_server, referenc
     run_record = client.get_run(run_info["run_id"])
     assert run_record.info.status == "FINISHED"
     assert run_record.data.tags["resumed_from"] == previous.name
+    assert run_record.info.run_name == "second-attempt"
+    assert run_record.data.tags["previous_run_name"].startswith("qlora-")  # the killed attempt's default name
     steps = [m.step for m in client.get_metric_history(run_info["run_id"], "loss")]
     assert steps == list(range(1, STEPS + 1))  # no gap, no duplicate
-    assert not list(project.glob("checkpoints/*/checkpoint-*"))  # cleaned up after success
+    # kept until DVC has recorded train (the next stage deletes them)
+    assert list(project.glob("checkpoints/*/finished.json"))
+
+
+def test_a_training_stopped_before_dvc_recorded_it_is_not_redone(tmp_path, mlflow_server):
+    """The stage's process finished, but DVC (or a Prefect task timeout) stopped before dvc.lock got
+    the train entry: the rerun finds the final step checkpointed and trains nothing; the next stage,
+    which runs only once train is recorded, deletes the checkpoints."""
+    from mlflow import MlflowClient
+
+    params = {"train.max_steps": 4, "train.save_steps": 2, "train.logging_steps": 1, "register.model_name": "qlora-unrecorded",
+              "evaluate.num_samples": 0, "evaluate.max_eval_rows": 8}
+    project = make_project(tmp_path, params)
+    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
+    run(["dvc", "repro", "prepare"], project, env)
+    run(["qlora", "train"], project, env)  # what DVC ran; it never wrote dvc.lock's train entry
+    run_id = json.loads((project / "models/adapter/run.json").read_text())["run_id"]
+    weights = adapter_weights(project)
+    assert "train:" not in (project / "dvc.lock").read_text()
+
+    again = run(["dvc", "repro", "evaluate"], project, env)
+    assert "training is complete" in again.stdout + again.stderr
+    assert json.loads((project / "models/adapter/run.json").read_text())["run_id"] == run_id
+    assert all(torch.equal(weights[k], v) for k, v in adapter_weights(project).items())
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]  # logged once
+    assert "train:" in (project / "dvc.lock").read_text()
+    assert not list(project.glob("checkpoints/*/checkpoint-*"))  # released once train was recorded
 
 
 def test_sigterm_ends_the_run_killed(tmp_path, mlflow_server):

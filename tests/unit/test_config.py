@@ -34,12 +34,20 @@ def test_default_params_validate():
         ("model.name=builtin:huge", "unknown built-in model 'builtin:huge'"),
         ("register.metric=accuracy", "register.metric: Input should be 'eval_loss', 'perplexity', 'exact_match' or 'chrf'"),
         ("data.eval_fraction=1.0", "data.eval_fraction: Input should be less than 1"),
+        ("register.model_name=team/support-bot", "register.model_name: 'team/support-bot' is not a registered model name"),
+        ("register.model_name=bot:v2", "MLflow refuses '/' and ':'"),
+        ("register.model_name=' bot'", "is not a registered model name"),
     ],
 )
 def test_bad_params_name_the_key(override, expected):
     with pytest.raises(ConfigError) as info:
         load_config(DEFAULT_PARAMS, [override])
     assert expected in str(info.value)
+
+
+def test_eval_steps_past_the_last_step_is_refused():
+    with pytest.raises(ConfigError, match=r"eval_steps \(20\) is past the last step \(max_steps 10\).*at most 10, or 0"):
+        load_config(DEFAULT_PARAMS, ["train.max_steps=10", "train.save_steps=20", "train.eval_steps=20"])
 
 
 def test_overrides_beat_the_file_and_parse_yaml():

@@ -96,3 +96,22 @@ def test_promotion_lock_serialises_processes(tmp_path):
         assert p.exitcode == 0
     seen = sorted((events.get(timeout=5) for _ in range(4)), key=lambda e: e[1])
     assert [kind for kind, _ in seen] == ["in", "out", "in", "out"]
+
+
+def test_a_champion_of_another_base_model_is_refused_before_any_merge():
+    """Its loss on this run's tokenization says nothing: register names the two models and the fix."""
+    from types import SimpleNamespace
+
+    from qlora_pipeline.errors import RegistryError
+    from qlora_pipeline.stages.register import refuse_another_base
+
+    champion = SimpleNamespace(version="3", tags={"base_model": "base_models/SmolLM2-135M-Instruct.Q4_1.gguf"})
+    with pytest.raises(RegistryError) as info:
+        refuse_another_base(champion, "builtin:tiny-llama", "qlora-demo")
+    message = str(info.value)
+    assert "champion of qlora-demo (v3) was fine-tuned from base_models/SmolLM2-135M-Instruct.Q4_1.gguf" in message
+    assert "register.model_name: auto gives qlora-tiny-llama" in message
+    # the same file under another path, a champion without lineage, no champion: no objection
+    refuse_another_base(champion, "/models/SmolLM2-135M-Instruct.Q4_1.gguf", "qlora-demo")
+    refuse_another_base(SimpleNamespace(version="1", tags={}), "builtin:tiny-llama", "qlora-demo")
+    refuse_another_base(None, "builtin:tiny-llama", "qlora-demo")

@@ -74,7 +74,7 @@ class TrainingProgress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = progress.bar("training", total=state.max_steps, completed=state.global_step, keep=True)
+            self.bar = progress.bar("training", total=state.max_steps, completed=state.global_step, keep=True, plain=False)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,3 +51,18 @@ def write_csv_atomic(path: Path, rows: list[dict[str, Any]], fields: list[str]) 
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buf.getvalue())
+
+
+def release_checkpoints(paths: ProjectPaths) -> None:
+    """Delete the checkpoints of the training whose adapter is in models/adapter.
+
+    train keeps them after saving the adapter: if its process is stopped before DVC records the
+    stage (a task timeout, a signal), the rerun finds the final step checkpointed and trains
+    nothing. The next stage runs only once DVC has recorded train, so it deletes them.
+    """
+    try:
+        name = json.loads(paths.run_info.read_text()).get("checkpoint_dir")
+    except (OSError, ValueError):
+        return
+    if name and (paths.checkpoints / name).is_dir():
+        shutil.rmtree(paths.checkpoints / name, ignore_errors=True)

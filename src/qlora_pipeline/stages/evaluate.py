@@ -22,7 +22,7 @@ from qlora_pipeline.core.data import load_prepared, make_collator
 from qlora_pipeline.core.evaluate import adapter_disabled, chat_prompt, generate, score_model
 from qlora_pipeline.core.model import load_base_model
 from qlora_pipeline.errors import NonFiniteMetricError
-from qlora_pipeline.stages.common import StageContext, base_tokenizer
+from qlora_pipeline.stages.common import StageContext, base_tokenizer, release_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def run(ctx: StageContext) -> dict:
             {"source": "evaluate.prompts", "prompt": p, "reference": "", "base": b, "tuned": t}
             for p, b, t in zip(cfg.evaluate.prompts, base_free, tuned_free)
         ]
+        release_checkpoints(paths)  # train's outputs are recorded by now (see there)
         write_json_atomic(paths.metrics / "eval.json", metrics)
         write_text_atomic(paths.reports / "samples.md", samples_markdown(table))
         write_text_atomic(paths.reports / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in table))

@@ -5,15 +5,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from qlora_pipeline.atomic import write_json_atomic, write_text_atomic
 from qlora_pipeline.core.data import prepare_data, write_prepared
 from qlora_pipeline.plots import read_histogram, save_png, token_length_figure
 from qlora_pipeline.stages.common import StageContext, base_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def run(ctx: StageContext) -> dict:
@@ -27,13 +24,6 @@ def run(ctx: StageContext) -> dict:
     lengths = ctx.paths.prepared / "lengths.csv"
     write_text_atomic(ctx.paths.plots / "token_lengths.csv", lengths.read_text())
     save_png(token_length_figure(read_histogram(lengths)), ctx.paths.plots / "token_lengths.png")
-    log.info(
-        "prepared %s train / %s eval rows (%s train tokens); dropped: %s",
-        prepared.stats.get("rows_train"),
-        prepared.stats.get("rows_eval"),
-        prepared.stats.get("tokens_train"),
-        prepared.stats.get("rows_dropped") or "none",
-    )
     return prepared.stats
 
 

@@ -22,7 +22,7 @@ from mlflow.models import set_signature
 
 from qlora_pipeline import serving, tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
-from qlora_pipeline.config import RegisterConfig
+from qlora_pipeline.config import RegisterConfig, registered_name
 from qlora_pipeline.core.data import make_collator
 from qlora_pipeline.core.evaluate import score_model, set_stop_tokens
 from qlora_pipeline.core.gate import Contest, GateDecision, decide
@@ -126,11 +126,30 @@ def register_version(ctx: StageContext, client, run_id: str, merged, tokenizer, 
     )
 
 
+def refuse_another_base(champion, base_model: str, model_name: str) -> None:
+    """A champion fine-tuned from another base model (another tokenizer, another loss scale) is not
+    scored on this run's eval split: its version would win or lose on token ids it never saw.
+
+    Raises:
+        RegistryError: the champion's `base_model` tag names another model than base_model
+            (compared as registered_name does: file or repo name, so paths to one file agree).
+    """
+    theirs = champion.tags.get("base_model") if champion is not None else None
+    if theirs and registered_name(theirs) != registered_name(base_model):
+        raise RegistryError(
+            f"the champion of {model_name} (v{champion.version}) was fine-tuned from {theirs}, this run from {base_model}: "
+            "their scores are not comparable. Register under a name of its own (register.model_name: auto gives "
+            f"{registered_name(base_model)}), or, to replace that model on purpose, register under a new name and "
+            f"point serving at it, or promote by hand after comparing: qlora promote --name {model_name} --version N"
+        )
+
+
 def contest(ctx: StageContext, client, version: str, score_rival) -> Contest:
     """The current champion and its score on this eval split (read under the promotion lock)."""
     champion = tracking.retry(lambda: tracking.alias_version(client, ctx.cfg.register.model_name, tracking.CHAMPION), "reading the champion alias")
     if champion is None:
         return Contest()
+    refuse_another_base(champion, ctx.cfg.model.name, ctx.cfg.register.model_name)
     if champion.version == version:
         return Contest(champion.version, None, is_champion=True)
     return Contest(champion.version, score_rival(champion))
@@ -175,6 +194,11 @@ def run(ctx: StageContext) -> dict:
     collator = make_collator(tokenizer, False, cfg.data.max_seq_len)
     samples = sample_rows(eval_ds, cfg.evaluate.num_samples)
     client = MlflowClient()
+    champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
+    refuse_another_base(champion, cfg.model.name, reg.model_name)  # before the merge: fail fast
+    existing = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
+    if existing is not None and champion is not None and existing.version == champion.version:
+        return _already_champion(ctx, run_id, existing)
 
     def score(model) -> float:
         return score_model(model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
@@ -207,9 +231,38 @@ def run(ctx: StageContext) -> dict:
             "merge_relative_diff": check.relative_diff,
         }
         record = {"model_name": reg.model_name, "run_id": run_id, "metric": reg.metric, **numbers, "reason": decision.reason}
-        mlflow.set_tags({"registered_version": version, "promoted": str(decision.promote)})
-        # Numbers only (`dvc exp show` columns): booleans as 0/1, no score is left out rather than null.
-        write_json_atomic(paths.metrics / "register.json", {k: int(v) if isinstance(v, bool) else v for k, v in numbers.items() if v is not None})
-        write_json_atomic(paths.reports / "register.json", record)
+        mlflow.set_tags({"registered_version": version, **({} if rival.is_champion else {"promoted": str(decision.promote)})})
+        write_records(paths, numbers, record)
     log.info("registered %s v%s (%s); %s", reg.model_name, version, "promoted to champion" if decision.promote else "not promoted", decision.reason)
+    return record
+
+
+def write_records(paths, numbers: dict, record: dict) -> None:
+    """metrics/register.json: numbers only (`dvc exp show` columns), booleans as 0/1, an absent score
+    left out rather than null; reports/register.json: the whole record."""
+    write_json_atomic(paths.metrics / "register.json", {k: int(v) if isinstance(v, bool) else v for k, v in numbers.items() if v is not None})
+    write_json_atomic(paths.reports / "register.json", record)
+
+
+def _already_champion(ctx: StageContext, run_id: str, version) -> dict:
+    """A rerun for the training run whose version is champion already: nothing to merge, score or
+    move; the record is rebuilt from the version's tags (what the run that registered it measured)."""
+    reg = ctx.cfg.register
+    tags = version.tags
+    reason = f"v{version.version} is the champion already; not compared with itself"
+    numbers = {
+        "version": int(version.version),
+        "promoted": False,
+        "champion_version": int(version.version),
+        "challenger_score": float(tags[f"eval.{reg.metric}"]) if f"eval.{reg.metric}" in tags else None,
+        "champion_score": None,
+        "beats_base": None,
+        "beats_champion": None,
+        "merge_max_abs_logit_diff": float(tags["merge_max_abs_logit_diff"]) if "merge_max_abs_logit_diff" in tags else None,
+        "merge_relative_diff": float(tags["merge_relative_diff"]) if "merge_relative_diff" in tags else None,
+    }
+    record = {"model_name": reg.model_name, "run_id": run_id, "metric": reg.metric, **numbers, "reason": reason}
+    with tracking.active_run("register", run_id=run_id):
+        write_records(ctx.paths, numbers, record)
+    log.info("%s v%s is this training run's version and the champion already; nothing merged or moved", reg.model_name, version.version)
     return record

@@ -61,7 +61,8 @@ def run(ctx: StageContext, console: Console | None = None) -> dict:
     register = _load(ctx.paths.reports / "register.json") or _load(metrics / "register.json")
     if not evaluation:
         raise QloraError(f"{metrics / 'eval.json'} not found: run the pipeline first (`dvc repro`)")
-    table = Table(title=f"{ctx.cfg.model.name}: base vs tuned ({evaluation.get('eval_rows', '?')} eval rows)")
+    title = f"{ctx.cfg.model.name}: base vs tuned ({evaluation.get('eval_rows', '?')} eval rows)"
+    table = Table(title=title, min_width=min(len(title) + 4, console.width))  # the title on one line
     for column in ("metric", "base", "tuned"):
         table.add_column(column, justify="right" if column != "metric" else "left")
     for key in METRICS:

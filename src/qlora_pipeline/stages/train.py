@@ -83,14 +83,17 @@ def log_data_report(paths) -> None:
     mlflow.log_figure(token_length_figure(read_histogram(paths.prepared / "lengths.csv")), "data/token_lengths.png")
 
 
+FINISHED = "finished.json"  # in a checkpoint folder: its training saved its adapter
+
+
 @contextmanager
 def one_training_per_checkpoint(checkpoint_dir: Path) -> Iterator[None]:
     """Hold `<checkpoint_dir>.lock` while training into checkpoint_dir.
 
     Two runs with the same params share a checkpoint key: without the lock the second resumes
     from the first's checkpoints, both log into one MLflow run, and whichever ends first deletes
-    the folder under the other. The second waits, then trains on its own (the first removed its
-    checkpoints when it saved its adapter).
+    the folder under the other. The second waits, then trains on its own: the checkpoints the
+    first kept for its own rerun (release_checkpoints) are cleared first.
     """
     from filelock import FileLock, Timeout
 
@@ -98,10 +101,14 @@ def one_training_per_checkpoint(checkpoint_dir: Path) -> Iterator[None]:
     lock = FileLock(str(checkpoint_dir) + ".lock")
     try:
         lock.acquire(timeout=1.0)
+        waited = False
     except Timeout:
         log.info("another training with the same params holds %s; waiting for it to finish", lock.lock_file)
         lock.acquire()
+        waited = True
     try:
+        if waited and (checkpoint_dir / FINISHED).is_file():
+            shutil.rmtree(checkpoint_dir)
         yield
     finally:
         lock.release()
@@ -112,6 +119,16 @@ def _previous_run_id(checkpoint_dir: Path) -> str | None:
     if any(checkpoint_dir.glob("checkpoint-*")) and info.is_file():
         return json.loads(info.read_text())["run_id"]
     return None
+
+
+def _name_after_this_attempt(run, tags: dict[str, str]) -> None:
+    """A resumed run finishes under the experiment (or flow run) that resumed it: its name and
+    lineage tags become this attempt's, the killed attempt's name is kept as previous_run_name."""
+    previous = run.info.run_name
+    name = tracking.run_name(previous)
+    if name != previous:
+        mlflow.set_tags({"mlflow.runName": name, "previous_run_name": previous})
+    mlflow.set_tags(tags)
 
 
 def run(ctx: StageContext) -> dict:
@@ -138,7 +155,9 @@ def run(ctx: StageContext) -> dict:
         with tracking.active_run("train", **start) as run:
             run_id = run.info.run_id
             write_json_atomic(checkpoint_dir / "mlflow_run.json", {"run_id": run_id})
-            if not resume_run_id:
+            if resume_run_id:
+                _name_after_this_attempt(run, tags)
+            else:
                 mlflow.log_params(cfg.flat())
                 mlflow.log_input(
                     mlflow.data.from_pandas(
@@ -181,12 +200,13 @@ def run(ctx: StageContext) -> dict:
             with atomic_dir(paths.adapter) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-                tracking.write_run_info(paths, run_id, run.info.experiment_id, target=tmp / "run.json")
+                tracking.write_run_info(paths, run_id, run.info.experiment_id, target=tmp / "run.json", checkpoint_dir=checkpoint_dir)
             write_json_atomic(paths.metrics / "train.json", summary)
             write_csv_atomic(paths.plots / "train_loss.csv", result.history, LOSS_PLOT_FIELDS)
             write_csv_atomic(paths.plots / "eval_loss.csv", result.eval_history, EVAL_PLOT_FIELDS)
             save_png(loss_figure(result.history, result.eval_history, result.best_step), paths.plots / "train_loss.png")
             mlflow.log_artifacts(str(paths.adapter), artifact_path="adapter")
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is saved; nothing left to resume
+        # The checkpoints stay until DVC has recorded this stage: evaluate deletes them (release_checkpoints).
+        write_json_atomic(checkpoint_dir / FINISHED, {"run_id": run_id, "global_step": result.global_step})
     log.info("trained %s steps, loss %.4f; adapter in %s (MLflow run %s)", result.global_step, result.train_loss, paths.adapter, run_id)
     return summary

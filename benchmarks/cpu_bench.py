@@ -113,7 +113,7 @@ def load_variant(name: str, model: str, cache_dir: str, steps: int):
     converted once into cache_dir by resolve_model)."""
     from transformers import set_seed
 
-    from qlora_pipeline.core.data import ensure_pad_token
+    from qlora_pipeline.core.data.encode import ensure_pad_token
     from qlora_pipeline.core.model import apply_lora, load_base_model, load_tokenizer, resolve_model
 
     cfg = bench_config(model, VARIANTS[name][0], steps)
@@ -174,7 +174,7 @@ def _memory_worker(name: str, model: str, cache_dir: str, steps: int, conn) -> N
     from transformers import TrainerCallback
 
     from qlora_pipeline.core import train as train_module
-    from qlora_pipeline.core.data import make_collator
+    from qlora_pipeline.core.data.collate import make_collator
     from qlora_pipeline.core.model import resolve_compute_dtype
 
     started = time.perf_counter()
@@ -311,7 +311,7 @@ class Runner:
         import torch
         from transformers import Trainer
 
-        from qlora_pipeline.core.data import make_collator
+        from qlora_pipeline.core.data.collate import make_collator
         from qlora_pipeline.core.fast import apply_fast_path
         from qlora_pipeline.core.train import training_arguments
 

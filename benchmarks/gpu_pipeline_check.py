@@ -22,7 +22,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, set_seed
 
 from qlora_pipeline.config import validate_params
-from qlora_pipeline.core.data import ensure_pad_token, make_collator, prepare_data
+from qlora_pipeline.core.data.collate import make_collator
+from qlora_pipeline.core.data.encode import ensure_pad_token
+from qlora_pipeline.core.data.prepare import prepare_data
 from qlora_pipeline.core.evaluate import eval_loss, generate
 from qlora_pipeline.core.merge import merge_adapter
 from qlora_pipeline.core.model import apply_lora, load_base_model, load_tokenizer, resolve_compute_dtype, resolve_model

@@ -250,10 +250,10 @@ class TrainConfig(_Section):
     max_steps: int = Field(-1, ge=-1)
     """-1: run `epochs` epochs; otherwise stop after this many optimizer steps."""
     per_device_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = "adamw_torch"
@@ -310,17 +310,17 @@ class TrainConfig(_Section):
     def _eval_fits_schedule(self) -> "TrainConfig":
         if not self.eval_steps:
             return self
-        if self.max_steps > 0 and self.eval_steps > self.max_steps:
-            raise ValueError(
-                f"eval_steps ({self.eval_steps}) is past the last step (max_steps {self.max_steps}): the eval curve "
-                f"would have one point; set eval_steps to at most {self.max_steps}, or 0 to turn it off"
-            )
         if self.save_steps % self.eval_steps:
             lower = self.save_steps // self.eval_steps * self.eval_steps
             options = f"{lower} or {lower + self.eval_steps}" if lower else f"{self.eval_steps}"
             raise ValueError(
                 f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) so that the best "
                 f"checkpoint can be kept; set save_steps to {options}, or eval_steps to a divisor of {self.save_steps}"
+            )
+        if self.max_steps > 0 and self.eval_steps > self.max_steps:
+            raise ValueError(
+                f"eval_steps ({self.eval_steps}) is past the last step (max_steps {self.max_steps}): the eval curve "
+                f"would have one point; set eval_steps to at most {self.max_steps}, or 0 to turn it off"
             )
         return self
 

@@ -21,10 +21,6 @@ class ProjectPaths:
         return cls(Path(root).resolve())
 
     @property
-    def params(self) -> Path:
-        return self.root / "params.yaml"
-
-    @property
     def prepared(self) -> Path:
         return self.root / "data" / "prepared"
 

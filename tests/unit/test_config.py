@@ -76,3 +76,18 @@ def test_apply_overrides_does_not_mutate_input():
     raw = {"train": {"learning_rate": 1.0}}
     out = apply_overrides(raw, {"train.learning_rate": 2.0})
     assert raw["train"]["learning_rate"] == 1.0 and out["train"]["learning_rate"] == 2.0
+
+
+def test_params_yaml_holds_every_key_with_the_code_defaults():
+    """One default per key: what params.yaml says is what config.py falls back to."""
+    import yaml
+
+    from qlora_pipeline.config import PipelineConfig
+
+    raw = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    code = PipelineConfig().model_dump(mode="json")
+    file = validate_params(raw).model_dump(mode="json")
+    for section, keys in code.items():
+        assert set(keys) == set(raw[section]), section
+        differ = {k: (v, file[section][k]) for k, v in keys.items() if v != file[section][k]}
+        assert differ == {}, f"{section}: (config.py, params.yaml) {differ}"

@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 
 from qlora_pipeline.config import TrainConfig
 from qlora_pipeline.core import fast
-from qlora_pipeline.core.data import make_collator
+from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.model import apply_lora, resolve_compute_dtype
 from qlora_pipeline.core.train import train_adapter
 
@@ -202,6 +202,11 @@ def test_cpu_defaults_train_through_the_pipeline(tiny_model, tmp_path, tiny_cfg,
     assert len(losses) == train_cfg.max_steps and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
     assert recomputed(model) == [True, False]
+    # the record says what trained: the plan's recompute, not params' "auto"
+    assert result.plan["recomputed_layers"] == 1 and result.plan["num_layers"] == 2
+    assert result.plan["micro_batch_size"] * result.plan["gradient_accumulation_steps"] == train_cfg.per_device_batch_size * train_cfg.gradient_accumulation_steps
+    assert result.plan["fused_lora_modules"] > 0 and result.plan["measured_peak_of"] == "process rss"
+    assert result.plan["measured_peak_gib"] > 0 and result.plan["attention"]
     assert drawn  # the fused layers drew their masks 16 bits at a time
     params = dict(model.named_parameters())
     for layer in ("layers.0.", "layers.1."):

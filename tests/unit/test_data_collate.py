@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_pipeline.core.data import IGNORE_INDEX, PackingCollator, PaddingCollator, make_collator
+from qlora_pipeline.core.data.collate import PackingCollator, PaddingCollator, make_collator
+from qlora_pipeline.core.data.encode import IGNORE_INDEX
 from qlora_pipeline.core.tiny import build_tiny_model, build_tiny_tokenizer
 from qlora_pipeline.errors import DataError
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from qlora_pipeline.config import DataConfig
-from qlora_pipeline.core.data import length_histogram, load_prepared, prepare_data, write_prepared
+from qlora_pipeline.core.data.prepare import prepare_data
+from qlora_pipeline.core.data.store import length_histogram, load_prepared, write_prepared
 from qlora_pipeline.core.data import store
 from qlora_pipeline.core.tiny import build_tiny_tokenizer
 from qlora_pipeline.errors import DataError

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from qlora_pipeline.config import DataConfig
-from qlora_pipeline.core.data import prepare_data
+from qlora_pipeline.core.data.prepare import prepare_data
 from qlora_pipeline.core.tiny import build_tiny_tokenizer
 from qlora_pipeline.errors import DataError
 

@@ -16,7 +16,7 @@ from transformers import LlamaConfig
 
 from qlora_pipeline.config import TrainConfig, validate_params
 from qlora_pipeline.core import fast
-from qlora_pipeline.core.data import make_collator
+from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.model import apply_lora, resolve_compute_dtype
 from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.errors import ConfigError

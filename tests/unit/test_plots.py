@@ -12,7 +12,7 @@ from matplotlib.container import BarContainer
 from safetensors.torch import load_file
 
 from qlora_pipeline.config import TrainConfig
-from qlora_pipeline.core.data import make_collator
+from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.model import apply_lora, resolve_compute_dtype
 from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.errors import ConfigError

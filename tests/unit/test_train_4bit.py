@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from qlora_pipeline.core.data import make_collator
+from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.model import apply_lora, resolve_compute_dtype
 from qlora_pipeline.core.train import latest_checkpoint, train_adapter
 from qlora_pipeline.errors import ConfigError

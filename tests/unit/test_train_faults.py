@@ -12,7 +12,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from qlora_pipeline.config import RegisterConfig
-from qlora_pipeline.core.data import make_collator
+from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.model import apply_lora, load_base_model, resolve_compute_dtype, resolve_model
 from qlora_pipeline.core.train import latest_checkpoint, train_adapter
 from qlora_pipeline.errors import NonFiniteMetricError, QloraError, TrainingDivergedError

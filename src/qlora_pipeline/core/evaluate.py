@@ -16,7 +16,7 @@ from sacrebleu.metrics import CHRF
 
 from qlora_pipeline import progress
 from qlora_pipeline.config import EvaluateConfig
-from qlora_pipeline.core.data import alpaca_prompt, encode_prompt
+from qlora_pipeline.core.data.encode import alpaca_prompt, encode_prompt
 from qlora_pipeline.core.data.encode import resolve_chat_template, stop_token_ids
 
 
@@ -158,3 +158,14 @@ def adapter_disabled(model):
     """Run a PeftModel as its base model for the duration of the block."""
     with model.disable_adapter():
         yield model
+
+
+def sample_rows(eval_ds, count: int) -> list[dict]:
+    """The first `count` eval rows that have a prompt and a reference (instruction or chat data)."""
+    rows = []
+    for row in eval_ds.select_columns(["prompt", "reference", "source"]):
+        if len(rows) >= count:
+            break
+        if row["prompt"] and row["reference"]:
+            rows.append(row)
+    return rows

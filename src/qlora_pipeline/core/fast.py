@@ -1109,6 +1109,22 @@ class FastPathReport:
     packed_mask: bool = False
     bits16_mask: bool = False
 
+    def record(self) -> dict[str, int | float]:
+        """What trained, as numbers (0/1 for switches): the values the Trainer got, which can differ
+        from params (the memory plan picks micro-batch x accumulation and recomputed layers)."""
+        return {
+            "micro_batch_size": self.plan.micro_batch_size,
+            "gradient_accumulation_steps": self.plan.gradient_accumulation_steps,
+            "recomputed_layers": self.plan.checkpoint_layers,
+            "num_layers": self.plan.num_layers,
+            "estimated_peak_gib": round(self.plan.estimated_peak_gib, 3),
+            "liger": int(bool(self.liger)),
+            "fused_lora_modules": self.fused_lora_modules,
+            "padding_free": int(self.padding_free),
+            "varlen_attention": int(self.varlen_attention),
+            "compiled_layers": self.compiled_layers,
+        }
+
     def describe(self) -> str:
         liger = ("linear+cross-entropy only" if self.compiled_layers else "on") if self.liger else "off"
         parts = [self.plan.describe(), f"liger {liger}"]

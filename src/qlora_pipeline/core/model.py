@@ -39,10 +39,6 @@ class ResolvedModel:
     is_local: bool
 
 
-def device_kind() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_compute_dtype(name: str) -> torch.dtype:
     """auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU.
 

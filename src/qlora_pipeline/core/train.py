@@ -291,6 +291,9 @@ class TrainResult:
     best_step: int | None = None
     """The step of the checkpoint with the lowest eval loss: the weights the model holds at the end."""
     best_eval_loss: float | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    """What trained (FastPathReport.record, the attention implementation, the measured peak
+    memory); empty when nothing trained (the final step was checkpointed already)."""
 
 
 def train_adapter(
@@ -333,7 +336,7 @@ def train_adapter(
         return _result(done.state, done.run_loss, resume, loss_rows(done.state.get("log_history", [])), eval_dataset is not None)
     # Fast path (core/fast.py): may change the model, micro-batch x accumulation and collator. On a
     # CPU it plans recompute against RAM and fuses the LoRA layers; the GPU-only pieces stay off.
-    model, cfg, collator, _ = apply_fast_path(model, cfg, collator, train_dataset)
+    model, cfg, collator, report = apply_fast_path(model, cfg, collator, train_dataset)
     # Mixed precision only where the compute dtype asks for it; CPU autocast to bf16 is slower.
     on_gpu = torch.cuda.is_available()
     args = training_arguments(
@@ -372,7 +375,25 @@ def train_adapter(
         display.close()
     state = trainer.state
     fields = ("global_step", "num_input_tokens_seen", "log_history", "best_model_checkpoint", "best_global_step", "best_metric")
-    return _result({k: getattr(state, k, None) for k in fields}, run_loss, resume, history.rows, eval_dataset is not None)
+    result = _result({k: getattr(state, k, None) for k in fields}, run_loss, resume, history.rows, eval_dataset is not None)
+    result.plan = {**report.record(), "attention": _attention(model), **measured_peak_memory()}
+    return result
+
+
+def _attention(model) -> str:
+    config = getattr(getattr(model, "base_model", model), "config", None) or getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def measured_peak_memory() -> dict[str, float | str]:
+    """The peak memory this process used: on a GPU the CUDA allocator's peak (torch's
+    max_memory_allocated, GiB), on a CPU the process's peak resident set (getrusage ru_maxrss,
+    KiB on Linux), which also holds the Python runtime and the data."""
+    if torch.cuda.is_available():
+        return {"measured_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "measured_peak_of": "cuda allocator"}
+    import resource
+
+    return {"measured_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "measured_peak_of": "process rss"}
 
 
 def _result(state: dict, run_loss: RunLoss, resume: str | None, history: list[dict], evaluated: bool) -> TrainResult:

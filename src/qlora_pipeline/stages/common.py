@@ -12,7 +12,8 @@ from typing import Any
 
 from qlora_pipeline.atomic import write_text_atomic
 from qlora_pipeline.config import PipelineConfig, load_config
-from qlora_pipeline.core.data import ensure_pad_token
+from qlora_pipeline.core.data.encode import ensure_pad_token
+from qlora_pipeline.core.data.store import load_prepared
 from qlora_pipeline.core.model import ResolvedModel, load_tokenizer, resolve_model
 from qlora_pipeline.paths import ProjectPaths
 
@@ -66,3 +67,11 @@ def release_checkpoints(paths: ProjectPaths) -> None:
         return
     if name and (paths.checkpoints / name).is_dir():
         shutil.rmtree(paths.checkpoints / name, ignore_errors=True)
+
+
+def eval_split(ctx: StageContext):
+    """The prepared eval split, capped at evaluate.max_eval_rows: what evaluate and register score."""
+    eval_ds = load_prepared(ctx.paths.prepared, "eval")
+    if ctx.cfg.evaluate.max_eval_rows:
+        eval_ds = eval_ds.select(range(min(ctx.cfg.evaluate.max_eval_rows, len(eval_ds))))
+    return eval_ds

@@ -18,11 +18,11 @@ from peft import PeftModel
 
 from qlora_pipeline import tracking
 from qlora_pipeline.atomic import write_json_atomic, write_text_atomic
-from qlora_pipeline.core.data import load_prepared, make_collator
-from qlora_pipeline.core.evaluate import adapter_disabled, chat_prompt, generate, score_model
+from qlora_pipeline.core.data.collate import make_collator
+from qlora_pipeline.core.evaluate import adapter_disabled, chat_prompt, generate, sample_rows, score_model
 from qlora_pipeline.core.model import load_base_model
 from qlora_pipeline.errors import NonFiniteMetricError
-from qlora_pipeline.stages.common import StageContext, base_tokenizer, release_checkpoints
+from qlora_pipeline.stages.common import StageContext, base_tokenizer, eval_split, release_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,6 @@ def load_tuned_model(ctx: StageContext, resolved, tokenizer):
     """The 4-bit base with the trained adapter on top (adapter can be switched off for the base)."""
     base = load_base_model(ctx.cfg.model, ctx.cfg.quantization, resolved, vocab_size=len(tokenizer))
     return PeftModel.from_pretrained(base, str(ctx.paths.adapter))
-
-
-def eval_split(ctx: StageContext):
-    eval_ds = load_prepared(ctx.paths.prepared, "eval")
-    if ctx.cfg.evaluate.max_eval_rows:
-        eval_ds = eval_ds.select(range(min(ctx.cfg.evaluate.max_eval_rows, len(eval_ds))))
-    return eval_ds
 
 
 def check_finite_metrics(metrics: dict) -> None:
@@ -50,17 +43,6 @@ def check_finite_metrics(metrics: dict) -> None:
             "gives non-finite outputs: retrain with a lower train.learning_rate or quantization.compute_dtype "
             "bfloat16 (or float32), and check the training data"
         )
-
-
-def sample_rows(eval_ds, count: int) -> list[dict]:
-    """The first `count` eval rows that have a prompt and a reference (instruction or chat data)."""
-    rows = []
-    for row in eval_ds.select_columns(["prompt", "reference", "source"]):
-        if len(rows) >= count:
-            break
-        if row["prompt"] and row["reference"]:
-            rows.append(row)
-    return rows
 
 
 def samples_markdown(rows: list[dict]) -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from qlora_pipeline.atomic import write_json_atomic, write_text_atomic
-from qlora_pipeline.core.data import prepare_data, write_prepared
+from qlora_pipeline.core.data.prepare import prepare_data
+from qlora_pipeline.core.data.store import write_prepared
 from qlora_pipeline.plots import read_histogram, save_png, token_length_figure
 from qlora_pipeline.stages.common import StageContext, base_tokenizer
 

@@ -23,14 +23,13 @@ from mlflow.models import set_signature
 from qlora_pipeline import serving, tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.config import RegisterConfig, registered_name
-from qlora_pipeline.core.data import make_collator
-from qlora_pipeline.core.evaluate import score_model, set_stop_tokens
+from qlora_pipeline.core.data.collate import make_collator
+from qlora_pipeline.core.evaluate import sample_rows, score_model, set_stop_tokens
 from qlora_pipeline.core.gate import Contest, GateDecision, decide
 from qlora_pipeline.core.merge import check_saved, merge_adapter
 from qlora_pipeline.core.model import base_model_revision, load_base_model
 from qlora_pipeline.errors import RegistryError, TransientError
-from qlora_pipeline.stages.common import StageContext, base_tokenizer
-from qlora_pipeline.stages.evaluate import eval_split, sample_rows
+from qlora_pipeline.stages.common import StageContext, base_tokenizer, eval_split
 
 log = logging.getLogger(__name__)
 

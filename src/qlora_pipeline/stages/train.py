@@ -22,7 +22,8 @@ from transformers import TrainerCallback, set_seed
 
 from qlora_pipeline import tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
-from qlora_pipeline.core.data import load_prepared, make_collator
+from qlora_pipeline.core.data.collate import make_collator
+from qlora_pipeline.core.data.store import load_prepared
 from qlora_pipeline.core.model import apply_lora, base_model_revision, load_base_model, resolve_compute_dtype
 from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.plots import loss_figure, read_histogram, save_png, token_length_figure
@@ -193,6 +194,9 @@ def run(ctx: StageContext) -> dict:
             }
             if result.best_step is not None:  # train.eval_steps > 0: the adapter saved is this step's
                 summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
+            if result.plan:  # what trained, where the fast path changed params (core/fast.py)
+                mlflow.set_tags({f"plan.{k}": str(v) for k, v in result.plan.items()})
+                summary.update({f"plan_{k}": v for k, v in result.plan.items() if isinstance(v, (int, float))})
             tracking.log_metrics_once({k: float(v) for k, v in summary.items() if v is not None})
             if result.resumed_from:
                 mlflow.set_tag("resumed_from", Path(result.resumed_from).name)

@@ -1,6 +1,7 @@
 """Raw files -> tokenized, validated, split train/eval datasets (`prepare_data`).
 
-    from qlora_pipeline.core.data import prepare_data, write_prepared
+    from qlora_pipeline.core.data.prepare import prepare_data
+    from qlora_pipeline.core.data.store import write_prepared
     prepared = prepare_data(cfg.data, tokenizer, root=Path("."))
     write_prepared(prepared, Path("data/prepared"))
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +25,14 @@ from qlora_pipeline.config import DataConfig
 from qlora_pipeline.core.data.encode import IGNORE_INDEX, Encoder, TemplateProblem
 from qlora_pipeline.core.data.records import Example, special_token_pattern, validate_rows
 from qlora_pipeline.core.data.sources import BadRow, Row, display_path, read_file, resolve_files
+from qlora_pipeline.core.data.store import COLUMNS, FEATURES, PreparedData
 from qlora_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("input_ids", "labels", "source", "prompt", "reference")
-FEATURES = datasets.Features(
-    {
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "labels": datasets.List(datasets.Value("int32")),
-        "source": datasets.Value("string"),
-        "prompt": datasets.Value("string"),
-        "reference": datasets.Value("string"),
-    }
-)
 _MAX_LISTED_ROWS = 1000  # report.json lists this many bad/dropped rows; counts are always complete
 _EXAMPLES_IN_ERROR = 8
 _PROGRESS_EVERY = 10_000
-
-
-@dataclass
-class PreparedData:
-    train: datasets.Dataset
-    eval: datasets.Dataset
-    stats: dict[str, Any]
-    report: dict[str, Any]
-    lengths: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -4,7 +4,7 @@
 is either one for every file or one per path glob, see `ColumnMaps`):
 messages -> chat, conversations -> sharegpt (normalised to chat), instruction/input/output ->
 alpaca, prompt/completion -> prompt/completion, text -> text. A row that fails a check becomes a
-`BadRow` with a reason code (see REASONS) and a message saying what is wrong.
+`BadRow` with a reason code (docs/data-formats.md lists them) and a message saying what is wrong.
 
 Chat turns are kept as the dicts the chat template is given: `role` and `content`, plus
 `tool_calls` on an assistant turn that calls tools (normalised to the OpenAI shape with `arguments`
@@ -25,22 +25,6 @@ from qlora_pipeline.config import MESSAGE_FIELDS, columns_per_file
 from qlora_pipeline.core.data.sources import BadRow, Row, glob_to_regex
 
 log = logging.getLogger(__name__)
-
-# Reason codes for rows that are skipped as broken (they count toward data.max_bad_fraction).
-REASONS = (
-    "broken_json",
-    "not_utf8",
-    "wrong_columns",
-    "missing_field",
-    "bad_value",
-    "empty_completion",
-    "bad_role_order",
-    "special_token_in_text",
-    "template_error",
-    "tools_unsupported",
-)
-# Reasons a valid row is dropped (they do not count as bad data).
-DROP_REASONS = ("duplicate", "too_long", "no_trainable_tokens")
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT's tool turns as LLaMA-Factory writes them: `function_call` (the value is the call as JSON)

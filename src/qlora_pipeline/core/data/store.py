@@ -9,16 +9,40 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow.parquet as pq
 
 from qlora_pipeline.atomic import atomic_dir
-from qlora_pipeline.core.data.prepare import COLUMNS, PreparedData
 from qlora_pipeline.errors import DataError
 
 SPLITS = ("train", "eval")
+COLUMNS = ("input_ids", "labels", "source", "prompt", "reference")
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "source": datasets.Value("string"),
+        "prompt": datasets.Value("string"),
+        "reference": datasets.Value("string"),
+    }
+)
+
+
+@dataclass
+class PreparedData:
+    """What prepare_data returns and write_prepared stores: the splits (COLUMNS), stats, report."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    stats: dict[str, Any]
+    report: dict[str, Any]
+    lengths: list[int] = field(default_factory=list)
+
+
 _HISTOGRAM_BUCKETS = 32
 
 

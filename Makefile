@@ -51,7 +51,7 @@ exps: setup
 # Two workers (TEST_WORKERS): each module runs whole on one, the longest first (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: models
-	. $(VENV)/bin/activate && python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	. $(VENV)/bin/activate && python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	. $(VENV)/bin/activate && python -m pytest -q -m "not integration"

@@ -25,7 +25,7 @@ def _committed_params() -> Path:
 
 DEFAULT_PARAMS = _committed_params()
 
-# `make test` spreads the suite over workers (pytest-xdist, --dist loadgroup): each module runs
+# `make test` spreads the suite over workers (pytest-xdist, --dist loadfile): each module runs
 # whole on one worker (its module fixtures are built once), the longest first, so the waits of the
 # Prefect tests overlap the CPU work of the others. Modules not listed follow in file order.
 LONGEST_FIRST = (
@@ -97,13 +97,10 @@ def tiny_model(tiny_cache, tiny_cfg):
     return cfg, tokenizer, load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
 def pytest_collection_modifyitems(config, items):
-    """One xdist group per module, modules in LONGEST_FIRST order (see there)."""
+    """Modules in LONGEST_FIRST order (see there); xdist hands them out in this order."""
     def module(item) -> str:
         return Path(item.fspath).relative_to(REPO / "tests").as_posix()
 
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(module(item), len(rank)))
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(module(item).removesuffix(".py").replace("/", ".")))

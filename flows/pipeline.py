@@ -55,6 +55,7 @@ from flows.redact import redact
 from flows.summary import RunRecord, render
 from flows.workspace import Workspace
 from qlora_pipeline.config import PipelineConfig
+from qlora_pipeline.paths import RELATIVE
 
 STAGES = ("prepare", "train", "evaluate", "register")
 GPU_STAGES = ("train", "evaluate", "register")  # register merges and scores the model
@@ -68,13 +69,13 @@ DEFAULT_GPU_LEASE_S = 300
 DEFAULT_SLOT_TIMEOUT_S = 72 * 3600
 ARTIFACT_KEY = "qlora-pipeline-run"
 RUN_NAME_ENV = "QLORA_RUN_NAME"  # the train stage names its MLflow run after it
-RUN_INFO = "models/adapter/run.json"  # the train stage's MLflow run id and experiment id
+RUN_INFO = RELATIVE.run_info.as_posix()  # the train stage's MLflow run id and experiment id
 # The stage outputs the summary reads, each from the first of its files that exists.
 SUMMARY_INPUTS = {
     "run_info": (RUN_INFO,),
-    "eval_metrics": ("metrics/eval.json",),
+    "eval_metrics": (RELATIVE.eval_metrics.as_posix(),),
     # metrics/register.json holds numbers only; commits from before reports/ had the record there
-    "register": ("reports/register.json", "metrics/register.json"),
+    "register": (RELATIVE.register_record.as_posix(), RELATIVE.register_metrics.as_posix()),
 }
 DEFAULT_TIMEOUTS_S = {
     "prepare": 2 * 3600,

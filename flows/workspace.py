@@ -28,11 +28,12 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from flows.overrides import yaml_float
 from qlora_pipeline.config import PipelineConfig, apply_overrides, load_config, validate_params
 from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.paths import RELATIVE
 
 RUNS_DIR_ENV = "QLORA_RUNS_DIR"
 PARAMS_FILE = "params.yaml"
 MAX_COMMITTED_OUTPUT_BYTES = 5 * 2**20  # metrics and reports go into git with the experiment; models never
-CHECKPOINTS = "checkpoints"  # the train stage's resumable state, outside DVC's outputs
+CHECKPOINTS = RELATIVE.checkpoints.as_posix()  # the train stage's resumable state, outside DVC's outputs
 GIT_TIMEOUT_S = 120
 DVC_TIMEOUT_S = 600  # checkout of the raw data from the cache, or `dvc exp save`
 REUSE_CANDIDATES = 5  # the newest saved experiments a run looks at for outputs it can reuse

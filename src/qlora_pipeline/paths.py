@@ -1,6 +1,8 @@
 """Where each stage reads and writes, relative to the project root (the dvc.yaml folder).
 
-dvc.yaml lists the same paths; keep the two in step.
+The one place output paths are named in code: stages, flows and the CLI ask ProjectPaths (flows
+use RELATIVE, for paths inside a git commit). dvc.yaml lists the same outputs; a test keeps the two
+in step (tests/unit/test_dvc_deps.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,27 @@ class ProjectPaths:
         return self.root / "metrics"
 
     @property
+    def data_metrics(self) -> Path:
+        return self.metrics / "data.json"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.metrics / "train.json"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.metrics / "eval.json"
+
+    @property
+    def register_metrics(self) -> Path:
+        """Numbers only (`dvc exp show` columns); the whole record is register_record."""
+        return self.metrics / "register.json"
+
+    @property
+    def register_record(self) -> Path:
+        return self.reports / "register.json"
+
+    @property
     def plots(self) -> Path:
         return self.root / "plots"
 
@@ -64,3 +87,8 @@ class ProjectPaths:
     @property
     def mlflow_dir(self) -> Path:
         return self.root / "mlflow"
+
+
+RELATIVE = ProjectPaths(Path(""))
+"""The same paths relative to the project root (`RELATIVE.eval_metrics.as_posix()` is
+"metrics/eval.json"), for reading them out of a git commit or a worktree."""

@@ -103,3 +103,20 @@ def test_renaming_the_mlflow_experiment_reruns_no_stage():
     """tracking.* names where runs are recorded; it changes no output, so it is no stage's param."""
     for name, stage in STAGES.items():
         assert not [p for p in stage.get("params", []) if str(p).split(".")[0] == "tracking"], name
+
+
+def test_the_outputs_paths_py_names_are_the_ones_dvc_yaml_declares():
+    """Each output path in code (qlora_pipeline.paths) is declared in dvc.yaml, and each declared
+    output under models/, metrics/ and reports/ has its name in code."""
+    from qlora_pipeline.paths import RELATIVE
+
+    declared = set()
+    for stage in STAGES.values():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                declared.add(next(iter(out)) if isinstance(out, dict) else out)
+    named = {RELATIVE.prepared, RELATIVE.adapter, RELATIVE.merged, RELATIVE.data_metrics, RELATIVE.train_metrics,
+             RELATIVE.eval_metrics, RELATIVE.register_metrics, RELATIVE.register_record}
+    assert {p.as_posix() for p in named} <= declared
+    in_code = {p.as_posix() for p in named}
+    assert {d for d in declared if d.startswith(("models/", "metrics/", "reports/register"))} <= in_code

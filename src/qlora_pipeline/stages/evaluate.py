@@ -82,7 +82,7 @@ def run(ctx: StageContext) -> dict:
             for p, b, t in zip(cfg.evaluate.prompts, base_free, tuned_free)
         ]
         release_checkpoints(paths)  # train's outputs are recorded by now (see there)
-        write_json_atomic(paths.metrics / "eval.json", metrics)
+        write_json_atomic(paths.eval_metrics, metrics)
         write_text_atomic(paths.reports / "samples.md", samples_markdown(table))
         write_text_atomic(paths.reports / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in table))
         tracking.log_metrics_once(metrics)

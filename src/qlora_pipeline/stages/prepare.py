@@ -21,7 +21,7 @@ def run(ctx: StageContext) -> dict:
     write_prepared(prepared, ctx.paths.prepared)
     # DVC metrics hold numbers only (they are columns in `dvc exp show`); the full stats, with the
     # file list, format and template, are in data/prepared/stats.json.
-    write_json_atomic(ctx.paths.metrics / "data.json", numbers_only(prepared.stats))
+    write_json_atomic(ctx.paths.data_metrics, numbers_only(prepared.stats))
     lengths = ctx.paths.prepared / "lengths.csv"
     write_text_atomic(ctx.paths.plots / "token_lengths.csv", lengths.read_text())
     save_png(token_length_figure(read_histogram(lengths)), ctx.paths.plots / "token_lengths.png")

@@ -182,7 +182,7 @@ def run(ctx: StageContext) -> dict:
     reg = cfg.register
     tracking.setup(paths, cfg.tracking.experiment)
     run_id = tracking.read_run_id(paths)
-    eval_metrics = json.loads((paths.metrics / "eval.json").read_text())
+    eval_metrics = json.loads(paths.eval_metrics.read_text())
     if reg.metric not in eval_metrics:
         raise RegistryError(
             f"register.metric {reg.metric!r} is not in metrics/eval.json (has {sorted(eval_metrics)}); "
@@ -239,8 +239,8 @@ def run(ctx: StageContext) -> dict:
 def write_records(paths, numbers: dict, record: dict) -> None:
     """metrics/register.json: numbers only (`dvc exp show` columns), booleans as 0/1, an absent score
     left out rather than null; reports/register.json: the whole record."""
-    write_json_atomic(paths.metrics / "register.json", {k: int(v) if isinstance(v, bool) else v for k, v in numbers.items() if v is not None})
-    write_json_atomic(paths.reports / "register.json", record)
+    write_json_atomic(paths.register_metrics, {k: int(v) if isinstance(v, bool) else v for k, v in numbers.items() if v is not None})
+    write_json_atomic(paths.register_record, record)
 
 
 def _already_champion(ctx: StageContext, run_id: str, version) -> dict:

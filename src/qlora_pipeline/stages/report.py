@@ -55,12 +55,11 @@ def samples_table(rows: list[dict]) -> Table:
 
 def run(ctx: StageContext, console: Console | None = None) -> dict:
     console = console or Console()
-    metrics = ctx.paths.metrics
-    evaluation, train = (_load(metrics / f"{n}.json") for n in ("eval", "train"))
+    evaluation, train = _load(ctx.paths.eval_metrics), _load(ctx.paths.train_metrics)
     # The full record (model name, reason) is in reports/; metrics/register.json holds its numbers.
-    register = _load(ctx.paths.reports / "register.json") or _load(metrics / "register.json")
+    register = _load(ctx.paths.register_record) or _load(ctx.paths.register_metrics)
     if not evaluation:
-        raise QloraError(f"{metrics / 'eval.json'} not found: run the pipeline first (`dvc repro`)")
+        raise QloraError(f"{ctx.paths.eval_metrics} not found: run the pipeline first (`dvc repro`)")
     title = f"{ctx.cfg.model.name}: base vs tuned ({evaluation.get('eval_rows', '?')} eval rows)"
     table = Table(title=title, min_width=min(len(title) + 4, console.width))  # the title on one line
     for column in ("metric", "base", "tuned"):

@@ -205,7 +205,7 @@ def run(ctx: StageContext) -> dict:
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
                 tracking.write_run_info(paths, run_id, run.info.experiment_id, target=tmp / "run.json", checkpoint_dir=checkpoint_dir)
-            write_json_atomic(paths.metrics / "train.json", summary)
+            write_json_atomic(paths.train_metrics, summary)
             write_csv_atomic(paths.plots / "train_loss.csv", result.history, LOSS_PLOT_FIELDS)
             write_csv_atomic(paths.plots / "eval_loss.csv", result.eval_history, EVAL_PLOT_FIELDS)
             save_png(loss_figure(result.history, result.eval_history, result.best_step), paths.plots / "train_loss.png")

@@ -8,14 +8,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 GPU ?= 0
-# The offline demo: SmolLM2-135M-Instruct (make models) on the demo data, a schedule sized for
-# 2 CPU cores (benchmarks/README.md, CPU); everything else from params.yaml.
+# The offline demo: SmolLM2-135M-Instruct (make models) on the demo data, the short schedule of
+# schedules/short.yaml (sized for 2 CPU cores; the tests read it too); the rest from params.yaml.
 DEMO_MODEL ?= base_models/SmolLM2-135M-Instruct.Q4_1.gguf
-DEMO_SET ?= -S model.name=$(DEMO_MODEL) -S register.model_name=qlora-demo \
-	-S data.max_seq_len=128 -S train.max_steps=16 -S train.per_device_batch_size=8 \
-	-S train.gradient_accumulation_steps=1 -S train.learning_rate=0.001 -S train.warmup_steps=3 \
-	-S train.logging_steps=5 -S train.save_steps=100 -S evaluate.num_samples=8 \
-	-S evaluate.max_new_tokens=24 -S 'evaluate.prompts=[]'
+SHORT_SCHEDULE := $(shell sed -n "s/^\([a-z_]*\.[a-z_]*\): *\(.*\)$$/-S '\1=\2'/p" schedules/short.yaml)
+DEMO_SET ?= -S model.name=$(DEMO_MODEL) -S register.model_name=qlora-demo $(SHORT_SCHEDULE)
 DEMO_ASK ?= "Record the contact." "Hello from Lyon, this is Ines Moreau."
 
 .PHONY: setup models demo data exps test test-fast ui mlflow-server prefect-server deploy worker clean

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +26,8 @@ def _committed_params() -> Path:
 
 
 DEFAULT_PARAMS = _committed_params()
+# The short schedule `make demo` runs; tests start from it and name what they change.
+SHORT_SCHEDULE: dict = yaml.safe_load((REPO / "schedules" / "short.yaml").read_text())
 
 # `make test` spreads the suite over workers (pytest-xdist, --dist loadfile): each module runs
 # whole on one worker (its module fixtures are built once), the longest first, so the waits of the
@@ -68,15 +72,15 @@ def tiny_cfg():
         return load_config(
             DEFAULT_PARAMS,
             [
+                *(f"{key}={json.dumps(value)}" for key, value in SHORT_SCHEDULE.items()),
+                # the tiny model: shorter rows, fewer and smaller steps, a higher rate, every step logged
                 "model.name=builtin:tiny-llama",
                 "data.max_seq_len=64",
                 "train.max_steps=8",
                 "train.per_device_batch_size=4",
-                "train.gradient_accumulation_steps=1",
                 "train.learning_rate=0.005",
                 "train.warmup_steps=0",
                 "train.logging_steps=1",
-                "train.save_steps=100",
                 *overrides,
             ],
         )

@@ -113,7 +113,7 @@ def load_variant(name: str, model: str, cache_dir: str, steps: int):
     converted once into cache_dir by resolve_model)."""
     from transformers import set_seed
 
-    from qlora_pipeline.core.data.encode import ensure_pad_token
+    from qlora_pipeline.core.data.tokens import ensure_pad_token
     from qlora_pipeline.core.model import apply_lora, load_base_model, load_tokenizer, resolve_model
 
     cfg = bench_config(model, VARIANTS[name][0], steps)

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 from qlora_pipeline.config import validate_params
 from qlora_pipeline.core.data.collate import make_collator
-from qlora_pipeline.core.data.encode import ensure_pad_token
+from qlora_pipeline.core.data.tokens import ensure_pad_token
 from qlora_pipeline.core.data.prepare import prepare_data
 from qlora_pipeline.core.evaluate import eval_loss, generate
 from qlora_pipeline.core.merge import merge_adapter

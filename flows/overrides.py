@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from qlora_pipeline.config import parse_override
+from qlora_pipeline.overrides import parse_override
 
 
 class _Yaml12Numbers(yaml.SafeLoader):

@@ -26,7 +26,8 @@ from ruamel.yaml.nodes import ScalarNode
 from ruamel.yaml.representer import RoundTripRepresenter
 
 from flows.overrides import yaml_float
-from qlora_pipeline.config import PipelineConfig, apply_overrides, load_config, validate_params
+from qlora_pipeline.config import PipelineConfig, load_config, validate_params
+from qlora_pipeline.overrides import apply_overrides
 from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.paths import RELATIVE
 

@@ -91,7 +91,7 @@ def tiny_cfg():
 @pytest.fixture
 def tiny_model(tiny_cache, tiny_cfg):
     """(config, tokenizer with a pad token, 4-bit base model) for the tiny model."""
-    from qlora_pipeline.core.data.encode import ensure_pad_token
+    from qlora_pipeline.core.data.tokens import ensure_pad_token
     from qlora_pipeline.core.model import load_base_model, load_tokenizer, resolve_model
 
     cfg = tiny_cfg()

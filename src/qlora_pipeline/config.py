@@ -18,18 +18,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from qlora_pipeline.columns import columns_per_file, glob_refusal, normalize_columns
 from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.overrides import apply_overrides
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("builtin:tiny-llama",)
-# Field names `data.columns` may map (ours -> yours); message keys apply inside messages/conversations.
-DATA_FIELDS = (
-    "text", "instruction", "input", "output", "prompt", "completion",
-    "messages", "conversations", "role", "content", "from", "value",
-)
-MESSAGE_FIELDS = ("role", "content", "from", "value")
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -80,102 +74,6 @@ class DataConfig(_Section):
         if columns_per_file(v):
             return [{"path": pattern, "columns": dict(mapping)} for pattern, mapping in v.items()]
         return dict(v)
-
-
-_GLOB_CHARS = "*?["
-_COLUMNS_EXAMPLE = '{instruction: question, output: answer}, or per file {"extra/*.jsonl": {instruction: question}}'
-
-
-def glob_refusal(raw_path: str) -> str | None:
-    """Why a glob cannot be data.raw_path and what to set instead; None for a plain path."""
-    if not any(ch in raw_path for ch in _GLOB_CHARS):
-        return None
-    parts = Path(raw_path).parts
-    first_glob = next(i for i, p in enumerate(parts) if any(ch in p for ch in _GLOB_CHARS))
-    folder = Path(*parts[:first_glob]).as_posix() if first_glob else "."
-    return (
-        f"{raw_path!r} is a glob; DVC cannot track a glob as the prepare stage's dependency (dvc.yaml "
-        "lists ${data.raw_path}), so edits to the matching files would not re-run prepare. Set "
-        f"data.raw_path to the folder that holds them ({folder}) or to one file; a folder is read "
-        "whole, so keep only the files to train on in it (move the others to a folder of their own)"
-    )
-
-
-def columns_per_file(columns: dict[str, Any]) -> bool:
-    """data.columns in its per-file form {glob: {ours: yours}} (normalize_columns refuses a mix)."""
-    return bool(columns) and all(isinstance(m, dict) for m in columns.values())
-
-
-def normalize_columns(value: Any) -> dict[str, Any]:
-    """data.columns in any accepted form -> {ours: yours} or {glob: {ours: yours}}; ValueError says what is wrong."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"not a YAML mapping ({exc.problem}); write it as {_COLUMNS_EXAMPLE}") from None
-        if value is None:
-            return {}
-    if isinstance(value, list):
-        value = _list_form(value)
-    if not isinstance(value, dict):
-        raise ValueError(f"must be a mapping, e.g. {_COLUMNS_EXAMPLE}")
-    nested = [k for k, m in value.items() if isinstance(m, dict)]
-    flat = [k for k, m in value.items() if not isinstance(m, dict)]
-    if nested and flat:
-        raise ValueError(
-            f"mixes field: column entries ({', '.join(map(str, flat))}) with per-file glob: {{field: column}} entries "
-            f"({', '.join(map(str, nested))}); use one form. To give the other files a mapping too, add a "
-            'catch-all glob last: {"extra/*.jsonl": {instruction: question}, "**": {output: answer}}'
-        )
-    if not nested:
-        _check_mapping(value, "")
-        return {str(k): v for k, v in value.items()}
-    for pattern, mapping in value.items():
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise ValueError(f"glob {pattern!r}: must be a non-empty path glob, e.g. extra/*.jsonl")
-        _check_mapping(mapping, f"glob {pattern!r}")
-    return {pattern: dict(mapping) for pattern, mapping in value.items()}
-
-
-def _list_form(items: list[Any]) -> dict[str, Any]:
-    """[{path: glob, columns: {ours: yours}}, ...] (how `qlora check` prints it) -> {glob: {ours: yours}}."""
-    out: dict[str, Any] = {}
-    for number, item in enumerate(items, 1):
-        if not isinstance(item, dict) or set(item) != {"path", "columns"} or not isinstance(item["columns"], dict):
-            raise ValueError(f"item {number}: a list item must be {{path: <glob>, columns: {{field: column}}}}, got {item!r}")
-        if item["path"] in out:
-            raise ValueError(f"item {number}: glob {item['path']!r} is listed twice")
-        out[item["path"]] = item["columns"]
-    return out
-
-
-def _check_mapping(mapping: dict[Any, Any], where: str) -> None:
-    prefix = f"{where}: " if where else ""
-    unknown = sorted(str(k) for k in set(mapping) - set(DATA_FIELDS))
-    if unknown:
-        looks_like_path = [k for k in unknown if any(ch in k for ch in "/*?[.")]
-        hint = (
-            f"; {', '.join(looks_like_path)} looks like a file glob: a per-file mapping takes a mapping as its value"
-            if looks_like_path and not where else ""
-        )
-        raise ValueError(
-            f"{prefix}unknown field(s) {', '.join(unknown)}; map one of {', '.join(DATA_FIELDS)} "
-            f"to your column name, e.g. {_COLUMNS_EXAMPLE}{hint}"
-        )
-    bad = [f"{k}: {c!r}" for k, c in mapping.items() if not isinstance(c, str) or not c]
-    if bad:
-        raise ValueError(f"{prefix}column names must be non-empty strings (got {', '.join(bad)})")
-    for group in (set(DATA_FIELDS) - set(MESSAGE_FIELDS), set(MESSAGE_FIELDS)):
-        read_by: dict[str, list[str]] = {}
-        for ours, theirs in mapping.items():
-            if ours in group:
-                read_by.setdefault(theirs, []).append(ours)
-        twice = {theirs: ours for theirs, ours in read_by.items() if len(ours) > 1}
-        if twice:
-            theirs, ours = next(iter(twice.items()))
-            raise ValueError(f"{prefix}{' and '.join(ours)} both read the column {theirs!r}; each field needs a column of its own")
 
 
 class ModelConfig(_Section):
@@ -441,44 +339,6 @@ def _allowed_keys(section: str) -> list[str]:
             return []
         model = field.annotation
     return sorted(model.model_fields)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.learning_rate=1e-4' -> (['train', 'learning_rate'], 0.0001), values parsed as YAML.
-
-    The same lines work in `dvc exp run -S`: DVC's `+`/`++` key prefixes (add, add or override) are
-    accepted and set the key, and `data.columns='{instruction: question}'` (a quoted mapping) is
-    read by data.columns in both tools, replacing the whole mapping."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if key.startswith("~"):
-        raise ConfigError(
-            f"override {text!r}: deleting a key (~) is not supported by qlora -S; set the key instead, "
-            "e.g. data.columns='{}'"
-        )
-    key = key[2:] if key.startswith("++") else key[1:] if key.startswith("+") else key
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of the params dict with dotted-key overrides applied."""
-    merged = json.loads(json.dumps(raw))
-    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
-    for key, value in items:
-        parts = key.split(".") if isinstance(key, str) else key
-        node = merged
-        for depth, part in enumerate(parts[:-1], 1):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                where = ".".join(parts[:depth])
-                raise ConfigError(
-                    f"override {'.'.join(parts)}: {where} is {node!r}, not a section; set {where} whole instead"
-                    + (", e.g. data.columns='{instruction: question}'" if where == "data.columns" else "")
-                )
-        node[parts[-1]] = value
-    return merged
 
 
 def validate_params(raw: dict[str, Any]) -> PipelineConfig:

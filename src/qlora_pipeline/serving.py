@@ -55,7 +55,7 @@ def chat_tokenizer(tokenizer, chat_template: str | None):
     That is data.chat_template when set, else the tokenizer's own, else the alpaca prompt that
     instruction records were trained with (a model without a template still answers chats).
     """
-    from qlora_pipeline.core.data.encode import resolve_chat_template
+    from qlora_pipeline.core.data.tokens import resolve_chat_template
 
     tok = copy.deepcopy(tokenizer)
     if chat_template:

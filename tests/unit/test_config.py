@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_pipeline.config import apply_overrides, load_config, validate_params
+from qlora_pipeline.config import load_config, validate_params
+from qlora_pipeline.overrides import apply_overrides
 from qlora_pipeline.errors import ConfigError
 
-from ..conftest import DEFAULT_PARAMS, REPO
+from ..conftest import DEFAULT_PARAMS
 
 
 def test_default_params_validate():

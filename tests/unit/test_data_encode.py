@@ -10,7 +10,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from qlora_pipeline.config import DataConfig
-from qlora_pipeline.core.data.encode import IGNORE_INDEX, check_pad_token, encode_prompt, ensure_pad_token
+from qlora_pipeline.core.data.encode import IGNORE_INDEX
+from qlora_pipeline.core.data.tokens import check_pad_token, encode_prompt, ensure_pad_token
 from qlora_pipeline.core.data.prepare import prepare_data
 from qlora_pipeline.core.tiny import BOS, EOS, TINY_CHAT_TEMPLATE, build_tiny_tokenizer
 from qlora_pipeline.errors import DataError

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_pipeline.config import DataConfig, apply_overrides, load_config, parse_override, validate_params
+from qlora_pipeline.config import DataConfig, load_config, validate_params
+from qlora_pipeline.overrides import apply_overrides, parse_override
 from qlora_pipeline.core.data.prepare import prepare_data
 from qlora_pipeline.core.data.sources import glob_to_regex, read_file, resolve_files
 from qlora_pipeline.core.tiny import build_tiny_tokenizer

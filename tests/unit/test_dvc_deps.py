@@ -19,7 +19,7 @@ PACKAGE = "qlora_pipeline"
 # recorded, paths named, files written atomically, errors raised, progress shown. Packages whose
 # __init__ is a docstring only run no code either.
 RECORD_KEEPING = {
-    "qlora_pipeline.config", "qlora_pipeline.tracking", "qlora_pipeline.paths", "qlora_pipeline.atomic",
+    "qlora_pipeline.config", "qlora_pipeline.overrides", "qlora_pipeline.tracking", "qlora_pipeline.paths", "qlora_pipeline.atomic",
     "qlora_pipeline.errors", "qlora_pipeline.progress",
 }
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from qlora_pipeline.config import load_config
 from qlora_pipeline.core.data.collate import make_collator
-from qlora_pipeline.core.data.encode import ensure_pad_token
+from qlora_pipeline.core.data.tokens import ensure_pad_token
 from qlora_pipeline.core.merge import check_saved, dequantized_base, merge_adapter
 from qlora_pipeline.core.model import (
     apply_lora,

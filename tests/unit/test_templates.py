@@ -18,9 +18,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from qlora_pipeline.config import DataConfig
-from qlora_pipeline.core.data.encode import IGNORE_INDEX, encode_prompt
+from qlora_pipeline.core.data.encode import IGNORE_INDEX
+from qlora_pipeline.core.data.tokens import encode_prompt
 from qlora_pipeline.core.data.prepare import prepare_data
-from qlora_pipeline.core.data.encode import end_of_turn_token, stop_token_ids
+from qlora_pipeline.core.data.tokens import end_of_turn_token, stop_token_ids
 from qlora_pipeline.core.evaluate import chat_prompt, generate, set_stop_tokens
 from qlora_pipeline.core.tiny import build_tiny_model, build_tiny_tokenizer
 

@@ -16,8 +16,9 @@ from sacrebleu.metrics import CHRF
 
 from qlora_pipeline import progress
 from qlora_pipeline.config import EvaluateConfig
-from qlora_pipeline.core.data.encode import alpaca_prompt, encode_prompt
-from qlora_pipeline.core.data.encode import resolve_chat_template, stop_token_ids
+from qlora_pipeline.core.data.encode import alpaca_prompt
+from qlora_pipeline.core.data.tokens import encode_prompt
+from qlora_pipeline.core.data.tokens import resolve_chat_template, stop_token_ids
 
 
 def _batches(items: list[Any], size: int, description: str) -> Iterator[list[Any]]:

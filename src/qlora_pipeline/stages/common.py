@@ -12,7 +12,7 @@ from typing import Any
 
 from qlora_pipeline.atomic import write_text_atomic
 from qlora_pipeline.config import PipelineConfig, load_config
-from qlora_pipeline.core.data.encode import ensure_pad_token
+from qlora_pipeline.core.data.tokens import ensure_pad_token
 from qlora_pipeline.core.data.store import load_prepared
 from qlora_pipeline.core.model import ResolvedModel, load_tokenizer, resolve_model
 from qlora_pipeline.paths import ProjectPaths

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithFlattening
 
-from qlora_pipeline.core.data.encode import IGNORE_INDEX, check_pad_token
+from qlora_pipeline.core.data.encode import IGNORE_INDEX
+from qlora_pipeline.core.data.tokens import check_pad_token
 from qlora_pipeline.errors import DataError
 
 

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from qlora_pipeline.config import MESSAGE_FIELDS, columns_per_file
+from qlora_pipeline.columns import MESSAGE_FIELDS, columns_per_file
 from qlora_pipeline.core.data.sources import BadRow, Row, glob_to_regex
 
 log = logging.getLogger(__name__)

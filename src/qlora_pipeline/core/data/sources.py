@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.config import glob_refusal
+from qlora_pipeline.columns import glob_refusal
 from qlora_pipeline.errors import DataError
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")

@@ -149,7 +149,8 @@ def deploy(
     quiet: bool = False,
 ) -> str:
     """Create or update the deployment; returns its id."""
-    from flows.pipeline import gpu_limit_name, qlora_pipeline
+    from flows.pipeline import qlora_pipeline
+    from flows.slots import gpu_limit_name
 
     common: dict[str, Any] = dict(
         name=name,

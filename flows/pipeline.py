@@ -10,10 +10,11 @@ A flow run
    validation message before anything runs;
 2. checks out the commit in its own git worktree that shares the project's DVC cache
    (workspace.py), so runs triggered together never share a params.yaml, dvc.lock or output, and
-   brings back the outputs of stages an earlier run already ran with the same inputs;
+   brings back the outputs of stages an earlier run already ran with the same inputs (reuse.py);
 3. runs each stage as a task through DVC, which decides what is stale and records lineage in
-   dvc.lock; the GPU stages hold a global concurrency slot, so one GPU never trains twice at once
-   (a lease the run keeps renewing: the slot of a run that died comes back when it lapses);
+   dvc.lock; the GPU stages hold a global concurrency slot (slots.py), so one GPU never trains
+   twice at once (a lease the run keeps renewing: the slot of a run that died comes back when it
+   lapses);
    the MLflow run gets the DVC experiment's name (`<flow run name>-<id8>`) and the flow run's tags,
    and the flow run is tagged with the MLflow run's id;
 4. saves the result as a DVC experiment (also when a later stage failed, so the next run reuses
@@ -28,12 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -41,10 +38,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
@@ -52,6 +46,8 @@ from flows import overrides as param_overrides
 from flows import workspace
 from flows.dvc_stage import StageFailed, StageResult, run_stage, stage_env
 from flows.redact import redact
+from flows.reuse import reuse_earlier_outputs
+from flows.slots import DEFAULT_SLOT_TIMEOUT_S, ensure_limit, gpu_limit_name, gpu_slot
 from flows.summary import RunRecord, render
 from flows.workspace import Workspace
 from qlora_pipeline.config import PipelineConfig
@@ -59,14 +55,6 @@ from qlora_pipeline.paths import RELATIVE
 
 STAGES = ("prepare", "train", "evaluate", "register")
 GPU_STAGES = ("train", "evaluate", "register")  # register merges and scores the model
-GPU_LIMIT_ENV = "QLORA_GPU_LIMIT"
-# A held slot is a lease the run renews every 3/4 of this; when the run dies (a killed worker) the
-# server takes the slot back once the lease lapses. Prefect's API takes 60 s at least.
-GPU_LEASE_ENV = "QLORA_GPU_LEASE_S"
-DEFAULT_GPU_LEASE_S = 300
-# How long a stage waits for the GPU slot: 1.5 x the longest stage timeout (train, 48 h), so a
-# queued run outwaits one whole training but not a slot that never comes free.
-DEFAULT_SLOT_TIMEOUT_S = 72 * 3600
 ARTIFACT_KEY = "qlora-pipeline-run"
 RUN_NAME_ENV = "QLORA_RUN_NAME"  # the train stage names its MLflow run after it
 RUN_INFO = RELATIVE.run_info.as_posix()  # the train stage's MLflow run id and experiment id
@@ -95,10 +83,6 @@ def only_transient(task, task_run, state) -> bool:
 
     exc = state.data if isinstance(state.data, BaseException) else None
     return isinstance(exc, RegistryError) or (isinstance(exc, StageFailed) and exc.transient)
-
-
-class SlotTimeout(TimeoutError):
-    """A GPU stage waited slot_timeout_s for a slot of the GPU concurrency limit and got none."""
 
 
 @task(name="prune-workspaces", cache_policy=NO_CACHE, timeout_seconds=SETUP_TIMEOUT_S)
@@ -152,7 +136,7 @@ def checkout(project: Path, run_id: str, commit: str, experiment: str, overrides
     try:
         workspace.write_params(ws, overrides)
         if reuse:
-            ws = workspace.reuse_earlier_outputs(ws)
+            ws = reuse_earlier_outputs(ws)
     except BaseException:
         workspace.remove(ws)
         raise
@@ -242,65 +226,6 @@ def publish_summary(record: RunRecord, ws: Workspace) -> dict[str, Any]:
         "stages": {s.stage: s.status for s in record.stages},
         "reused_from": record.reused_from,
     }
-
-
-def gpu_limit_name() -> str:
-    """One slot per GPU host: `gpu-<hostname>` unless QLORA_GPU_LIMIT names another limit."""
-    return os.environ.get(GPU_LIMIT_ENV) or f"gpu-{socket.gethostname()}"
-
-
-def ensure_limit(name: str, slots: int = 1) -> None:
-    """Create the global concurrency limit if it does not exist (an existing one keeps its slots)."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-            except ObjectAlreadyExists:
-                pass  # another run created it first
-
-
-def gpu_lease_s() -> float:
-    """Seconds a GPU slot outlives its run's last renewal (QLORA_GPU_LEASE_S, default 300, at least 60)."""
-    return max(60.0, float(os.environ.get(GPU_LEASE_ENV) or DEFAULT_GPU_LEASE_S))
-
-
-@contextmanager
-def gpu_slot(name: str, stage: str, timeout_s: float = DEFAULT_SLOT_TIMEOUT_S, logger=None) -> Iterator[None]:
-    """Hold one slot of the GPU limit for a stage; waiting here does not count against its timeout,
-    and ends with SlotTimeout after timeout_s."""
-    logger = logger or get_run_logger()
-    lease_s = gpu_lease_s()
-    logger.info("%s: waiting for a slot of concurrency limit %r (at most %.0fs)", stage, name, timeout_s)
-    waited = time.monotonic()
-    acquired = False
-    try:
-        # A renewal that fails (the server restarting) must not stop a training: the lease then
-        # lapses at worst, and the server takes the slot back.
-        with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True,
-                         raise_on_lease_renewal_failure=False):
-            acquired = True
-            logger.info("%s: got the slot after %.0fs", stage, time.monotonic() - waited)
-            yield
-    except TimeoutError:
-        if acquired:
-            raise  # the stage's own timeout
-        raise SlotTimeout(_slot_timeout_message(name, stage, timeout_s, lease_s)) from None
-
-
-def _slot_timeout_message(name: str, stage: str, timeout_s: float, lease_s: float) -> str:
-    try:
-        with get_client(sync_client=True) as client:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        held = f"; {limit.active_slots} of its {limit.limit} slot(s) are held"
-    except (httpx.HTTPError, ObjectNotFound):
-        held = ""
-    return (
-        f"{stage}: no slot of concurrency limit {name!r} came free within {timeout_s:.0f}s (slot_timeout_s){held}. "
-        f"Another run is using the GPU, or a run that died still holds its slot until its lease lapses "
-        f"({lease_s:.0f}s after its last renewal); see Concurrency in the UI or `prefect gcl inspect {name}`."
-    )
 
 
 def _timeouts(overrides: dict[str, float] | None) -> dict[str, float]:

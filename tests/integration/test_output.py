@@ -146,7 +146,7 @@ def test_training_bar_on_a_terminal(monkeypatch):
     from rich.console import Console
 
     from qlora_pipeline import progress
-    from qlora_pipeline.core.train import TrainingProgress
+    from qlora_pipeline.core.callbacks import TrainingProgress
 
     screen = io.StringIO()
     monkeypatch.setattr(progress, "console", Console(file=screen, force_terminal=True, width=160))

@@ -80,7 +80,7 @@ def test_the_ui_calls_the_api_of_its_own_server(prefect_env):
 def test_a_gpu_stage_waits_for_a_slot_at_most_slot_timeout_s(prefect_env):
     from prefect.concurrency.sync import concurrency
 
-    from flows.pipeline import SlotTimeout, ensure_limit, gpu_slot
+    from flows.slots import SlotTimeout, ensure_limit, gpu_slot
 
     name = "gpu-slot-timeout-test"
     ensure_limit(name)
@@ -103,7 +103,7 @@ def test_a_gpu_stage_waits_for_a_slot_at_most_slot_timeout_s(prefect_env):
 def killed_run(prefect_env):
     """A run of `gpu` in train: the server is killed and restarted, then the worker and the run are
     killed; then the next run of `gpu` (which fails its validation at once)."""
-    from flows.pipeline import gpu_limit_name
+    from flows.slots import gpu_limit_name
     from flows.prefect_env import CRASHED_AFTER_S
 
     services, limit = prefect_env.services, gpu_limit_name()

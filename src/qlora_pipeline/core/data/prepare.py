@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import datasets
 
 from qlora_pipeline.config import DataConfig
 from qlora_pipeline.core.data.encode import IGNORE_INDEX, Encoder, TemplateProblem
-from qlora_pipeline.core.data.records import Example, special_token_pattern, validate_rows
+from qlora_pipeline.core.data.records import Example, validate_rows
 from qlora_pipeline.core.data.sources import BadRow, Row, display_path, read_file, resolve_files
 from qlora_pipeline.core.data.store import COLUMNS, FEATURES, PreparedData
 from qlora_pipeline.errors import DataError
@@ -121,6 +122,18 @@ def _read_all(files: list[Path], root: Path, text_unit: str) -> tuple[list[Row],
         rows += read.rows
         bad += read.bad
     return rows, bad
+
+
+def special_token_pattern(tokenizer) -> re.Pattern[str] | None:
+    """A regex matching any special-token string (e.g. `</s>`, `<|user|>`) the tokenizer would parse."""
+    names = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            names.add(str(token.content))
+    names = {n for n in names if n}
+    if not names:
+        return None
+    return re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
 
 
 def _encode_all(encoder: Encoder, examples: list[Example]) -> tuple[list[_Item], list[BadRow]]:

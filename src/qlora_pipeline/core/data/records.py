@@ -357,24 +357,13 @@ def to_example(row: Row, wanted: str, columns: dict[str, str]) -> Example:
     return Example(row.source, "instruction", "alpaca", instruction=instruction, input=inp, output=output)
 
 
-def special_token_pattern(tokenizer) -> re.Pattern[str] | None:
-    """A regex matching any special-token string (e.g. `</s>`, `<|user|>`) the tokenizer would parse."""
-    names = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        if getattr(token, "special", False):
-            names.add(str(token.content))
-    names = {n for n in names if n}
-    if not names:
-        return None
-    return re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
-
-
 def validate_rows(
     rows: list[Row], wanted: str, columns: dict[str, Any], special: re.Pattern[str] | None
 ) -> tuple[list[Example], list[BadRow]]:
     """Every row -> an Example or a BadRow naming its file:line and what is wrong.
 
-    `columns` is data.columns in either form: {ours: yours} for every file, or {glob: {ours: yours}}."""
+    `columns` is data.columns in either form: {ours: yours} for every file, or {glob: {ours: yours}};
+    `special` matches the tokenizer's special tokens (prepare.py's special_token_pattern)."""
     maps = ColumnMaps(columns)
     examples, bad = [], []
     for row in rows:

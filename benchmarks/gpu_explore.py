@@ -5,7 +5,7 @@
 Builds the shape once, attaches LoRA and the fast path (liger, fused LoRA, varlen attention),
 then times a few optimizer steps for each (micro-batch, recomputed layers, fused LoRA, LoRA
 dropout) setting, records peak memory next to the memory plan's estimate, times the attention
-kernels alone, and profiles one step by kernel family. Feeds the cost model in core/fast.py.
+kernels alone, and profiles one step by kernel family. Feeds the cost model in core/fast/memory.py.
 """
 
 from __future__ import annotations

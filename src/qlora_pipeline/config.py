@@ -170,7 +170,7 @@ class TrainConfig(_Section):
     seed: int = 42
     num_threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default."""
-    # The fast GPU path (core/fast.py). auto: on with a CUDA GPU, off on a CPU.
+    # The fast GPU path (core/fast/). auto: on with a CUDA GPU, off on a CPU.
     use_liger: bool | Literal["auto"] = "auto"
     """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel (the `gpu` extra)."""
     fused_lora: bool | Literal["auto"] = "auto"

@@ -1,4 +1,4 @@
-"""The fast path on a CPU (core/fast.py): recompute planned against RAM, fused LoRA with 16-bit-draw
+"""The fast path on a CPU (core/fast/): recompute planned against RAM, fused LoRA with 16-bit-draw
 dropout masks. The speed behind these defaults: benchmarks/cpu_bench.py (benchmarks/README.md, "CPU")."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ SEQ_LEN = 16
 
 
 def with_available_ram(monkeypatch, gib: float) -> None:
-    monkeypatch.setattr(fast, "available_ram_bytes", lambda: int(gib * GIB))
+    monkeypatch.setattr(fast.options, "available_ram_bytes", lambda: int(gib * GIB))
 
 
 def tiny_peak_gib(model, cfg, checkpoint_layers: int) -> float:
@@ -189,7 +189,7 @@ def test_cpu_defaults_train_through_the_pipeline(tiny_model, tmp_path, tiny_cfg,
 
     with_available_ram(monkeypatch, peak(0) + peak(1))
     drawn = []
-    monkeypatch.setattr(fast, "bits16_dropout", lambda x, p, f=fast.bits16_dropout: drawn.append(1) or f(x, p))
+    monkeypatch.setattr(fast.nodes, "bits16_dropout", lambda x, p, f=fast.bits16_dropout: drawn.append(1) or f(x, p))
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 

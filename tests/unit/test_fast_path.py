@@ -1,4 +1,4 @@
-"""The fast training path (core/fast.py) on the CPU: knobs, memory plan, batches, fused LoRA, training.
+"""The fast training path (core/fast/) on the CPU: knobs, memory plan, batches, fused LoRA, training.
 
 The GPU-only pieces (liger-kernel, varlen and cuDNN attention) are measured by
 benchmarks/gpu_train_bench.py on the GPU machine; here everything else runs on the real 4-bit
@@ -95,7 +95,7 @@ def test_bit_masks_forced_on_without_a_cuda_gpu_fail_clearly():
 
 
 def test_liger_forced_on_without_liger_fails_clearly(monkeypatch):
-    monkeypatch.setattr(fast, "liger_available", lambda: False)
+    monkeypatch.setattr(fast.options, "liger_available", lambda: False)
     with pytest.raises(RuntimeError, match="train.use_liger is true but it is not available"):
         fast.resolve_options(TrainConfig(use_liger=True), "cpu")
 
@@ -246,8 +246,8 @@ def test_recompute_stops_before_the_last_frozen_matmul_of_each_layer(tiny_model,
         count(weight)
         return frozen_weight(weight, *args)
 
-    monkeypatch.setattr(fast, "_frozen_matmul", counting_matmul)
-    monkeypatch.setattr(fast, "_frozen_weight", counting_weight)
+    monkeypatch.setattr(fast.nodes, "_frozen_matmul", counting_matmul)
+    monkeypatch.setattr(fast.nodes, "_frozen_weight", counting_weight)
     assert fast.fuse_lora(model) == 14
     loss, grads = loss_and_grads()
     # per layer, down: forward and backward; up: forward, recompute and backward
@@ -413,7 +413,7 @@ def test_fast_path_trains_through_the_pipeline(tiny_model, tmp_path, tiny_cfg, m
     through train_adapter's own hook: loss logged and finite, falls, LoRA moves, base does not."""
     cfg, tokenizer, model = tiny_model
     flattened = []
-    monkeypatch.setattr(fast, "flatten_batch", lambda batch, f=fast.flatten_batch: flattened.append(1) or f(batch))
+    monkeypatch.setattr(fast.attention, "flatten_batch", lambda batch, f=fast.flatten_batch: flattened.append(1) or f(batch))
     train_cfg = tiny_cfg("train.fused_lora=true", "train.padding_free=true", "train.gradient_checkpointing=1").train
     model = apply_lora(model, cfg.lora, gradient_checkpointing=1)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -447,7 +447,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, monkeypatch):
     through bitsandbytes' 4-bit ops, peft's LoRA and checkpointing, without building kernels), one
     of two layers recomputed; loss and LoRA gradients match the eager model's."""
     cfg, _, model = tiny_model
-    monkeypatch.setattr(fast, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(fast.layers, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=1)
     ref_loss, ref_grads = loss_and_grads()

@@ -199,7 +199,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
             )
     for param in model.parameters():
         param.requires_grad_(False)
-    # auto: which layers recompute is the memory plan's call (core/fast.py, apply_fast_path).
+    # auto: which layers recompute is the memory plan's call (core/fast/memory.py, apply_fast_path).
     if gradient_checkpointing != "auto" and gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen embedding, checkpointed blocks need an input that requires grad.

@@ -96,7 +96,7 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_bf16: bool, u
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         disable_tqdm=False,
-        # Which layers recompute is set on the model (core/fast.py's memory plan), not a second time here.
+        # Which layers recompute is set on the model (core/fast/memory.py's memory plan), not a second time here.
         gradient_checkpointing=False,
     )
 
@@ -157,7 +157,7 @@ def train_adapter(
         log.info("%s holds the final step %s; training is complete, weights from %s", resume, done.state["global_step"], done.weights_from.name)
         load_adapter_weights(model, done.weights_from)
         return _result(done.state, done.run_loss, resume, loss_rows(done.state.get("log_history", [])), eval_dataset is not None)
-    # Fast path (core/fast.py): may change the model, micro-batch x accumulation and collator. On a
+    # Fast path (core/fast/): may change the model, micro-batch x accumulation and collator. On a
     # CPU it plans recompute against RAM and fuses the LoRA layers; the GPU-only pieces stay off.
     model, cfg, collator, report = apply_fast_path(model, cfg, collator, train_dataset)
     # Mixed precision only where the compute dtype asks for it; CPU autocast to bf16 is slower.

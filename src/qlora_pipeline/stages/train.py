@@ -194,7 +194,7 @@ def run(ctx: StageContext) -> dict:
             }
             if result.best_step is not None:  # train.eval_steps > 0: the adapter saved is this step's
                 summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
-            if result.plan:  # what trained, where the fast path changed params (core/fast.py)
+            if result.plan:  # what trained, where the fast path changed params (core/fast/)
                 mlflow.set_tags({f"plan.{k}": str(v) for k, v in result.plan.items()})
                 summary.update({f"plan_{k}": v for k, v in result.plan.items() if isinstance(v, (int, float))})
             tracking.log_metrics_once({k: float(v) for k, v in summary.items() if v is not None})

@@ -1,0 +1,275 @@
+"""The fast GPU training path: fused kernels, a lean LoRA step, padding-free batches, a memory plan.
+
+    model, cfg, collator, report = apply_fast_path(model, cfg, collator, train_dataset)
+
+core/train.py makes this call before it builds the Trainer. Each piece has a knob in `train:`
+(params.yaml) whose default `auto` means "on with a CUDA GPU" unless said otherwise below. On the
+8B shape on an H200 (benchmarks/README.md), with the memory budget at 0.6x the original recipe's
+peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
+
+- per-layer gradient checkpointing: recompute only as many decoder layers as the memory budget
+  needs, the first ones (their recompute runs last, when the later layers' activations are freed);
+- micro-batch: per_device_batch_size traded against gradient_accumulation_steps, same product,
+  chosen with the memory budget by a small cost model (GPU time vs host time per micro-batch);
+- liger-kernel (the `gpu` extra): fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy, which never
+  materialises the (tokens x vocab) logits: half the memory of checkpointed training;
+- fused LoRA: each LoRA linear layer one autograd node (frozen matmul, dropout, adapter, fused
+  add) instead of peft's seven, and siblings on one input (q/k/v, gate/up) one node together; the
+  last one of each decoder layer runs its adapter first, so a recomputed layer stops before its
+  frozen matmul (down_proj on Llama), which then adds the adapter's update in its epilogue;
+- dropout masks as bits (opt-in, `train.dropout_mask_bits`): ~6% less peak at the same recompute,
+  no faster (Triton's launch cost on the host outweighs its lighter kernels);
+- padding-free batches: pad tokens dropped, samples packed into one row with per-sample position
+  ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
+- compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
+  graph, no graph breaks, ~11 s at the first step); liger then keeps only its fused
+  linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it was slower at
+  4 x 2048 tokens (10,627 vs 11,060 tokens/s before the sibling groups), though it peaked lower (9.4
+  vs 13.2 GiB). Hence off by default.
+
+On a CPU the memory plan and fused LoRA run too (their `auto` includes the CPU); the rest stays
+off. SmolLM2-135M, 8 x 128 tokens, 2 cores (benchmarks/README.md, "CPU"): 199 tokens/s against 98
+with every layer recomputed and peft's LoRA layers, as the CPU trained before:
+
+- memory plan against RAM: `gradient_checkpointing: auto` recomputes as few layers as fit in
+  `memory_budget_gib` (auto: half the RAM available when training starts), so with RAM to spare
+  nothing is recomputed (every layer recomputed: 144 tokens/s);
+- fused LoRA, its dropout masks drawn 16 random bits per element (bits16_dropout): torch's CPU
+  dropout draws one 32-bit number per element in a serial loop, 24% of a step before (fused LoRA
+  with torch's masks: 155 tokens/s).
+
+Imports only torch / transformers / peft (liger-kernel and triton when installed): runs on a bare
+GPU box.
+
+options: the knobs resolved for this machine; memory: the memory plan and its cost model; nodes:
+the LoRA autograd nodes and their dropout masks; layers: compile, liger and fused LoRA on the model;
+attention: padding-free batches and their attention. This module: apply_fast_path and its report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from torch import nn
+
+from qlora_pipeline.core.fast.attention import (
+    FAST_ATTENTION,
+    IGNORE_INDEX,
+    PaddingFreeCollator,
+    _varlen_call,
+    cudnn_attention_works,
+    enable_fast_attention,
+    fast_attention,
+    flatten_batch,
+    pack_sequences,
+    varlen_attention_works,
+)
+from qlora_pipeline.core.fast.layers import (
+    COMPILE_BACKEND,
+    SIBLING_GROUPS,
+    _lora_inputs,
+    apply_liger,
+    compile_layers,
+    fuse_lora,
+    unfuse_lora,
+)
+from qlora_pipeline.core.fast.memory import (
+    GPU_MODEL_FLOPS_PER_S,
+    HOST_S_PER_LAYER_PASS,
+    HOST_S_PER_LAYER_PASS_COMPILED,
+    MEMORY_MARGIN,
+    RECOMPUTE_COST,
+    MemoryPlan,
+    ModelDims,
+    decoder_layers,
+    estimate_peak_bytes,
+    layer_activation_bytes,
+    model_flops_per_token,
+    plan_memory,
+    set_checkpointed_layers,
+    static_training_bytes,
+    step_seconds,
+    unwrap,
+)
+from qlora_pipeline.core.fast.nodes import (
+    FrozenLinearAddFunction,
+    LoraLinearFunction,
+    LoraMember,
+    _frozen_matmul,
+    _frozen_weight,
+    bits16_drop_count,
+    bits16_dropout,
+)
+from qlora_pipeline.core.fast.options import (
+    GIB,
+    FastOptions,
+    _cuda,
+    available_ram_bytes,
+    compile_available,
+    default_cpu_memory_budget_gib,
+    default_memory_budget_gib,
+    liger_available,
+    resolve_options,
+    resolve_switch,
+)
+
+if TYPE_CHECKING:
+    from qlora_pipeline.config import TrainConfig
+
+__all__ = [
+    # entry point
+    "FastPathReport", "apply_fast_path", "longest_example",
+    # options
+    "GIB", "FastOptions", "available_ram_bytes", "compile_available", "default_cpu_memory_budget_gib",
+    "default_memory_budget_gib", "liger_available", "resolve_options", "resolve_switch",
+    # memory
+    "GPU_MODEL_FLOPS_PER_S", "HOST_S_PER_LAYER_PASS", "HOST_S_PER_LAYER_PASS_COMPILED", "MEMORY_MARGIN",
+    "RECOMPUTE_COST", "MemoryPlan", "ModelDims", "decoder_layers", "estimate_peak_bytes",
+    "layer_activation_bytes", "model_flops_per_token", "plan_memory", "set_checkpointed_layers",
+    "static_training_bytes", "step_seconds", "unwrap",
+    # nodes
+    "FrozenLinearAddFunction", "LoraLinearFunction", "LoraMember", "bits16_drop_count", "bits16_dropout",
+    "_frozen_matmul", "_frozen_weight",
+    # layers
+    "COMPILE_BACKEND", "SIBLING_GROUPS", "apply_liger", "compile_layers", "fuse_lora", "unfuse_lora",
+    "_lora_inputs",
+    # attention
+    "FAST_ATTENTION", "IGNORE_INDEX", "PaddingFreeCollator", "cudnn_attention_works", "enable_fast_attention",
+    "fast_attention", "flatten_batch", "pack_sequences", "varlen_attention_works", "_varlen_call",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FastPathReport:
+    options: FastOptions
+    plan: MemoryPlan
+    liger: bool
+    fused_lora_modules: int
+    varlen_attention: bool
+    padding_free: bool
+    compiled_layers: int = 0
+    packed_mask: bool = False
+    bits16_mask: bool = False
+
+    def record(self) -> dict[str, int | float]:
+        """What trained, as numbers (0/1 for switches): the values the Trainer got, which can differ
+        from params (the memory plan picks micro-batch x accumulation and recomputed layers)."""
+        return {
+            "micro_batch_size": self.plan.micro_batch_size,
+            "gradient_accumulation_steps": self.plan.gradient_accumulation_steps,
+            "recomputed_layers": self.plan.checkpoint_layers,
+            "num_layers": self.plan.num_layers,
+            "estimated_peak_gib": round(self.plan.estimated_peak_gib, 3),
+            "liger": int(bool(self.liger)),
+            "fused_lora_modules": self.fused_lora_modules,
+            "padding_free": int(self.padding_free),
+            "varlen_attention": int(self.varlen_attention),
+            "compiled_layers": self.compiled_layers,
+        }
+
+    def describe(self) -> str:
+        liger = ("linear+cross-entropy only" if self.compiled_layers else "on") if self.liger else "off"
+        parts = [self.plan.describe(), f"liger {liger}"]
+        parts.append(f"fused LoRA on {self.fused_lora_modules} layers" if self.fused_lora_modules else "fused LoRA off")
+        if self.packed_mask:
+            parts.append("LoRA dropout masks as bits")
+        if self.bits16_mask:
+            parts.append("LoRA dropout masks from 16-bit draws")
+        if self.padding_free:
+            parts.append("padding-free batches" + (" with varlen/cuDNN attention" if self.varlen_attention else " (SDPA masks)"))
+        parts.append(f"{self.compiled_layers} layers compiled" if self.compiled_layers else "not compiled")
+        return "; ".join(parts)
+
+
+def longest_example(dataset: Any, column: str = "input_ids") -> int:
+    """Tokens in the longest training row (a datasets.Dataset, or any sequence of dicts)."""
+    try:
+        import pyarrow.compute as pc
+
+        return int(pc.max(pc.list_value_length(dataset.data.column(column))).as_py())
+    except Exception:
+        return max(len(row[column]) for row in dataset)
+
+
+def apply_fast_path(
+    model: nn.Module,
+    cfg: TrainConfig,
+    collator: Callable | None,
+    train_dataset: Any = None,
+    *,
+    max_seq_len: int | None = None,
+    lora_dropout: float | None = None,
+) -> tuple[nn.Module, TrainConfig, Callable | None, FastPathReport]:
+    """Apply the fast path to a peft model; returns it with the train config and collator to use.
+
+    The config comes back with per_device_batch_size / gradient_accumulation_steps chosen by the
+    memory plan (same effective batch); the collator wrapped for padding-free batches when on.
+    Call after the LoRA adapters are attached and before the Trainer is built.
+    """
+    device = next(model.parameters()).device
+    options = resolve_options(cfg, device)
+    base = unwrap(model)
+    dims = ModelDims.from_config(base.config)
+    if lora_dropout is None:
+        lora_dropout = _lora_dropout(model)
+    liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
+    # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves
+    packed = options.fused_lora and options.dropout_mask_bits and not options.compile
+    bits16 = options.fused_lora and not _cuda(device)
+    fused = (
+        fuse_lora(model, group_siblings=not options.compile, packed_mask=packed, bits16_mask=bits16)
+        if options.fused_lora
+        else 0
+    )
+    varlen = enable_fast_attention(model) if options.padding_free else False
+    if max_seq_len is None:
+        max_seq_len = longest_example(train_dataset) if train_dataset is not None else 0
+    static = static_training_bytes(model) if options.memory_budget_gib is not None else 0.0
+    plan = plan_memory(
+        dims,
+        seq_len=max(1, max_seq_len),
+        batch_size=cfg.per_device_batch_size,
+        accumulation=cfg.gradient_accumulation_steps,
+        static_bytes=static,
+        budget_gib=options.memory_budget_gib,
+        checkpointing=options.checkpointing,
+        tune_micro_batch=options.tune_micro_batch,
+        liger=liger,
+        lora_dropout=lora_dropout,
+        compiled=options.compile,
+        packed_mask=packed and lora_dropout > 0,
+        element_bytes=float(base.get_input_embeddings().weight.element_size()),
+        float32_masks=not _cuda(device),
+    )
+    set_checkpointed_layers(model, plan.checkpoint_layers)
+    compiled = compile_layers(model) if options.compile else 0
+    if not plan.fits:
+        log.warning(
+            "the memory plan does not fit train.memory_budget_gib (%s); training may run out of memory: "
+            "lower train.per_device_batch_size or data.max_seq_len",
+            plan.describe(),
+        )
+    cfg = cfg.model_copy(
+        update={
+            "per_device_batch_size": plan.micro_batch_size,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        }
+    )
+    if options.padding_free and collator is not None:
+        collator = PaddingFreeCollator(collator)
+    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, packed, bits16 and fused > 0)
+    log.info("fast path: %s", report.describe())
+    return model, cfg, collator, report
+
+
+def _lora_dropout(model: nn.Module) -> float:
+    for module in model.modules():
+        drop = getattr(module, "lora_dropout", None)
+        if isinstance(drop, nn.ModuleDict) and len(drop):
+            layer = next(iter(drop.values()))
+            return float(getattr(layer, "p", 0.0))
+    return 0.0

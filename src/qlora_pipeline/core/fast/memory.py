@@ -1,0 +1,279 @@
+"""The memory plan: activation memory and step time estimated from the model's sizes, the fastest
+micro-batch and number of recomputed decoder layers that fit the budget, and the recompute set on
+the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qlora_pipeline.core.fast.options import GIB, _cuda
+
+# Cost model for choosing micro-batch and recomputed layers, calibrated on an H200 with the 8B shape
+# (benchmarks/results/explore_fused_8b_h200.json, gpu_train_bench_h200.json): a step is GPU-bound or
+# host-bound, whichever is longer. GPU: 4 x 2048 tokens without recompute took 0.555 s -> 8192 * 31.6e9
+# FLOP / 0.555 s = 466 TFLOP/s of model FLOPs; recomputing all 32 layers (down_proj's frozen matmul
+# skipped, see layers._lora_tail_forward) made it 0.74 s -> RECOMPUTE_COST = 0.74 / 0.555 - 1 = 0.33.
+GPU_MODEL_FLOPS_PER_S = 466e12
+RECOMPUTE_COST = 0.33
+# Host: 1 x 128 tokens (next to nothing for the GPU) took 0.22 s without and 0.35 s with recompute
+# (explore_group_8b_h200.json), i.e. the Python of transformers, liger, the LoRA nodes and autograd:
+# 0.22 s / (32 layers * 2 passes) = 3.4 ms per layer and pass, and a recomputed layer costs about a
+# forward and a backward pass more (the checkpoint's hooks and RNG state).
+HOST_S_PER_LAYER_PASS = 3.4e-3
+# With the decoder layers compiled (train.compile): 1 x 2048 tokens with 15/32 layers recomputed took
+# 0.295 s per micro-batch (benchmarks/results/gpu_train_bench_compile_h200.json), i.e. 0.295 s /
+# (32 layers * 2 passes * (1 + 15/32)) = 3.1 ms per layer and pass, as an effective host cost (a 0.5 ms
+# guess made the plan pick 1 x 2048 micro-batches, 32% slower than 4 x 2048, which compile left as is).
+HOST_S_PER_LAYER_PASS_COMPILED = 3.1e-3
+# The estimate already runs 1-5% above the measured peaks (8B, 1-4 x 2048 tokens, 0-32 layers).
+MEMORY_MARGIN = 1.0
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes that decide activation memory."""
+
+    num_layers: int
+    hidden: int
+    ffn: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+    largest_linear: int  # parameters of the largest linear layer (its dequantized copy is a temporary)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelDims":
+        hidden = config.hidden_size
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden=hidden,
+            ffn=ffn,
+            q_dim=heads * head_dim,
+            kv_dim=kv_heads * head_dim,
+            vocab=config.vocab_size,
+            largest_linear=max(hidden * ffn, hidden * heads * head_dim),
+        )
+
+
+def layer_activation_bytes(
+    dims: ModelDims,
+    *,
+    liger: bool,
+    lora_dropout: float,
+    packed_mask: bool = False,
+    element_bytes: float = 2.0,
+    float32_masks: bool = False,
+) -> float:
+    """Bytes per token that one decoder layer keeps for its backward when it is not recomputed.
+
+    Counted from what autograd saves in a Llama layer with LoRA on every linear: RMSNorm inputs and
+    outputs (the outputs are the LoRA-A inputs), q/k/v after RoPE, attention output, o_proj input,
+    gate, up and their product (the down_proj input); frozen 4-bit weights need no saved input.
+    element_bytes: 2 for a bf16/fp16 compute dtype, 4 for float32 (the CPU's). float32_masks: the
+    LoRA dropout keeps float32 masks (on a CPU: torch's dropout and bits16_dropout alike).
+    8B, bf16: 147 KB counted, 139 KB measured (dropout 0).
+    """
+    d, f, q, kv = dims.hidden, dims.ffn, dims.q_dim, dims.kv_dim
+    elems = 4 * d + 3 * q + 2 * kv + 3 * f
+    if not liger:
+        elems += 4 * d + f  # fp32 copies inside the eager RMSNorms; silu(gate) kept beside gate and up
+    total = element_bytes * elems
+    dropped = 5 * d + q + f  # elements of the adapters' inputs: q/k/v/gate/up on d, o on q, down on f
+    if lora_dropout > 0 and float32_masks:
+        total += (element_bytes + 4.0) * dropped  # each adapter's dropped-out input and its mask
+    elif lora_dropout > 0:
+        # each adapter keeps its own dropped-out input; 8B: 69 KB measured = 1.75 bytes per element,
+        # of which the mask is a byte: 7/8 of it go when the mask is kept as bits
+        total += (1.75 - (0.875 if packed_mask else 0.0)) * dropped
+    return total
+
+
+def model_flops_per_token(dims: ModelDims, seq_len: int) -> float:
+    """Forward + activation-gradient backward of the frozen base: 4 x matmul params + causal attention."""
+    d, f, q, kv = dims.hidden, dims.ffn, dims.q_dim, dims.kv_dim
+    matmul_params = dims.num_layers * (2 * d * q + 2 * d * kv + 3 * d * f) + d * dims.vocab
+    return 4.0 * matmul_params + 6.0 * seq_len * q * dims.num_layers
+
+
+def step_seconds(dims: ModelDims, tokens: int, seq_len: int, checkpoint_layers: int, *, compiled: bool = False) -> float:
+    """Estimated time of one micro-batch: the longer of GPU and host time, plus part of the shorter
+    (they overlap less the closer they are)."""
+    share = checkpoint_layers / dims.num_layers
+    gpu = tokens * model_flops_per_token(dims, seq_len) * (1 + RECOMPUTE_COST * share) / GPU_MODEL_FLOPS_PER_S
+    per_pass = HOST_S_PER_LAYER_PASS_COMPILED if compiled else HOST_S_PER_LAYER_PASS
+    host = dims.num_layers * per_pass * 2 * (1 + share)
+    longer, shorter = max(gpu, host), min(gpu, host)
+    return longer + 0.2 * shorter * (shorter / longer) ** 2
+
+
+def estimate_peak_bytes(
+    dims: ModelDims,
+    tokens: int,
+    checkpoint_layers: int,
+    static_bytes: float,
+    *,
+    liger: bool,
+    lora_dropout: float,
+    packed_mask: bool = False,
+    element_bytes: float = 2.0,
+    float32_masks: bool = False,
+) -> float:
+    """Peak memory of one training step with `tokens` tokens per micro-batch: GPU memory, or on a CPU
+    what the step adds to the process's RSS (static_bytes then counts only what training adds).
+
+    The peak is the larger of two moments: the end of the forward (every kept layer's activations
+    plus the recomputed layers' inputs) and the backward of the recomputed layers (their inputs
+    plus the one layer being recomputed; the kept layers, the last ones, are freed by then).
+    element_bytes, float32_masks: as for layer_activation_bytes.
+    """
+    per_layer = layer_activation_bytes(
+        dims, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask, element_bytes=element_bytes,
+        float32_masks=float32_masks,
+    )
+    checkpoint_layers = min(checkpoint_layers, dims.num_layers)
+    kept = dims.num_layers - checkpoint_layers
+    inputs = checkpoint_layers * element_bytes * dims.hidden
+    activations = tokens * (inputs + max(kept, 1 if checkpoint_layers else 0) * per_layer)
+    if liger:
+        loss = 0.0  # logits are never materialised; chunks fit in the misc term below
+    else:
+        loss = tokens * dims.vocab * (element_bytes + 4.0 + 4.0)  # logits, fp32 upcast (or log-softmax), fp32 grad
+    misc = tokens * dims.hidden * element_bytes * 5  # residual-stream grads, embeddings out; 8B: 40 KB measured
+    dequantized = 2 * dims.largest_linear * element_bytes
+    return MEMORY_MARGIN * (static_bytes + activations + loss + misc + dequantized)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    checkpoint_layers: int
+    num_layers: int
+    estimated_peak_gib: float
+    budget_gib: float | None
+    fits: bool
+
+    def describe(self) -> str:
+        budget = f" of a {self.budget_gib:.1f} GiB budget" if self.budget_gib else ""
+        return (
+            f"micro-batch {self.micro_batch_size} x {self.gradient_accumulation_steps} accumulation, "
+            f"{self.checkpoint_layers}/{self.num_layers} layers recompute, "
+            f"~{self.estimated_peak_gib:.1f} GiB{budget}"
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [b for b in range(1, n + 1) if n % b == 0]
+
+
+def _checkpoint_choices(setting: bool | int | str, num_layers: int) -> list[int]:
+    if setting == "auto":
+        return list(range(num_layers + 1))
+    if isinstance(setting, bool):
+        return [num_layers if setting else 0]
+    return [min(int(setting), num_layers)]
+
+
+def plan_memory(
+    dims: ModelDims,
+    *,
+    seq_len: int,
+    batch_size: int,
+    accumulation: int,
+    static_bytes: float,
+    budget_gib: float | None,
+    checkpointing: bool | int | str,
+    tune_micro_batch: bool,
+    liger: bool,
+    lora_dropout: float,
+    compiled: bool = False,
+    packed_mask: bool = False,
+    element_bytes: float = 2.0,
+    float32_masks: bool = False,
+) -> MemoryPlan:
+    """The fastest (micro-batch, recomputed layers) whose estimated peak fits the budget.
+
+    Keeps the effective batch (batch_size x accumulation) fixed; speed from step_seconds (a GPU cost
+    model: on a CPU the micro-batch is not tuned, and fewer recomputed layers are always faster).
+    budget_gib None: no limit.
+    """
+    effective = batch_size * accumulation
+    sizes = _divisors(effective) if tune_micro_batch else [batch_size]
+    layer_choices = _checkpoint_choices(checkpointing, dims.num_layers)
+    budget = math.inf if budget_gib is None else budget_gib * GIB
+
+    def peak(b: int, k: int) -> float:
+        return estimate_peak_bytes(
+            dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask,
+            element_bytes=element_bytes, float32_masks=float32_masks,
+        )
+
+    best: tuple[float, int, int] | None = None
+    for b in sizes:
+        k = next((k for k in layer_choices if peak(b, k) <= budget), None)
+        if k is None:
+            continue
+        cost = step_seconds(dims, b * seq_len, seq_len, k, compiled=compiled) / b
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, b, k)
+    if best is None:  # nothing fits: the leanest choice, and say so
+        b, k = min(sizes), max(layer_choices)
+        fits = False
+    else:
+        _, b, k = best
+        fits = True
+    return MemoryPlan(
+        micro_batch_size=b,
+        gradient_accumulation_steps=effective // b,
+        checkpoint_layers=k,
+        num_layers=dims.num_layers,
+        estimated_peak_gib=peak(b, k) / GIB,
+        budget_gib=budget_gib,
+        fits=fits,
+    )
+
+
+def static_training_bytes(model: nn.Module) -> float:
+    """Bytes held through every step: the trainable parameters' grads and AdamW's two states, plus on
+    a GPU the model as allocated now (on a CPU it is already in the RSS that the budget leaves out)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    resident = float(torch.cuda.memory_allocated()) if _cuda(next(model.parameters()).device) else 0.0
+    return resident + 3.0 * trainable
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model: nn.Module, count: int) -> int:
+    """Recompute the first `count` decoder layers in the backward and keep the others' activations.
+
+    The first ones, because their recompute runs at the end of the backward, when the later layers'
+    activations have been freed: the peak is one layer lower than with the last ones.
+    """
+    layers = decoder_layers(model)
+    count = max(0, min(count, len(layers)))
+    if count and not all(getattr(layer, "_gradient_checkpointing_func", None) for layer in layers):
+        base = unwrap(model)
+        if hasattr(base, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < count
+    return count

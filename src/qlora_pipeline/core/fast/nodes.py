@@ -1,0 +1,178 @@
+"""The LoRA autograd nodes (LoraLinearFunction, FrozenLinearAddFunction), the frozen base's matmul
+(bitsandbytes 4-bit or plain), and the CPU dropout with masks from 16 random bits per element."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qlora_pipeline.core import packed_dropout
+
+
+@dataclass(frozen=True, eq=False)
+class LoraMember:
+    """One LoRA linear layer's constants for LoraLinearFunction: its frozen base (weight, bias,
+    bitsandbytes quant state, or None for a plain weight), the adapter's scale and dropout, and
+    whether the node runs the base matmul too (base=False: the adapter's branch alone), and whether
+    its dropout keeps the mask as bits (core/packed_dropout.py, CUDA) or as torch's bytes."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    quant_state: Any
+    scale: float
+    p: float
+    base: bool = True
+    packed: bool = False
+    bits16: bool = False  # CPU: the mask from 16 random bits per element (bits16_dropout)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y_i = base_i(x) + s_i * drop_i(x) A_i^T B_i^T for one LoRA linear layer, or for sibling layers
+    that take the same input (q/k/v, gate/up), as one autograd node instead of peft's seven per layer
+    (dropout, two casts, two matmuls, the 4-bit matmul, the add): less Python and fewer kernels per
+    layer and pass, and the backward sums the members' input gradients in place, in the matmuls'
+    epilogues. Saves what peft saves: each member's dropped-out input and mask, its rank-r hidden
+    state and casted adapter weights. Each member draws its own dropout mask, in member order, as
+    peft's layers do when called one after another.
+
+        outputs = LoraLinearFunction.apply(x, members, a_0, b_0, a_1, b_1, ...)  # a tuple if several
+    """
+
+    @staticmethod
+    def forward(ctx, x, members, *weights):  # noqa: D102
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        outputs, saved = [], []
+        for member, weight_a, weight_b in zip(members, weights[0::2], weights[1::2]):
+            if member.p > 0 and member.packed:
+                dropped, mask = packed_dropout.dropout_forward(x2, member.p)
+            elif member.p > 0 and member.bits16:
+                dropped, mask = bits16_dropout(x2, member.p)
+            elif member.p > 0:
+                dropped, mask = torch.native_dropout(x2, member.p, True)
+            else:
+                dropped, mask = x2, None
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            hidden = torch.mm(dropped, a.t())
+            if member.base:
+                out = _frozen_matmul(x2, member.weight, member.bias, member.quant_state, dtype)
+                out.addmm_(hidden, b.t(), alpha=member.scale)
+                out = out.view(*shape[:-1], out.shape[-1])  # the compute dtype, as autocast's matmuls return
+            else:  # not a view: FrozenLinearAddFunction adds the frozen matmul into it in place
+                out = x2.new_empty(*shape[:-1], b.shape[0])
+                torch.mm(hidden, b.t(), out=out.view(-1, b.shape[0])).mul_(member.scale)
+            outputs.append(out)
+            saved += [dropped, mask, hidden, a, b]
+        ctx.save_for_backward(*saved)
+        ctx.members, ctx.dtype, ctx.shape = members, dtype, shape
+        ctx.param_dtypes = [w.dtype for w in weights]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: D102
+        saved = ctx.saved_tensors
+        grad_x, grad_weights = None, []
+        for i, (member, grad) in enumerate(zip(ctx.members, grads)):
+            dropped, mask, hidden, a, b = saved[5 * i : 5 * i + 5]
+            if grad is None:
+                grad_weights += [None, None]
+                continue
+            g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+            grad_b = torch.mm(g.t(), hidden).mul_(member.scale)
+            grad_hidden = torch.mm(g, b).mul_(member.scale)
+            grad_weights += [torch.mm(grad_hidden.t(), dropped), grad_b]
+            if not ctx.needs_input_grad[0]:
+                continue
+            if mask is None:
+                grad_x = torch.mm(grad_hidden, a) if grad_x is None else grad_x.addmm_(grad_hidden, a)
+            elif member.packed:  # mask applied and added into grad_x in one kernel
+                grad_x = packed_dropout.dropout_backward(torch.mm(grad_hidden, a), mask, member.p, out=grad_x)
+            elif member.bits16:  # the mask holds keep / (1 - p)
+                part = torch.mm(grad_hidden, a)
+                grad_x = part.mul_(mask) if grad_x is None else grad_x.addcmul_(part, mask)
+            else:
+                part = torch.ops.aten.native_dropout_backward(torch.mm(grad_hidden, a), mask, 1.0 / (1.0 - member.p))
+                grad_x = part if grad_x is None else grad_x.add_(part)  # addcmul_ with a bool mask is 3x slower
+            if member.base:
+                grad_x.addmm_(g, _frozen_weight(member.weight, member.quant_state, ctx.dtype))
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.shape)
+        grad_weights = [g if g is None else g.to(dtype) for g, dtype in zip(grad_weights, ctx.param_dtypes)]
+        return grad_x, None, *grad_weights
+
+
+class FrozenLinearAddFunction(torch.autograd.Function):
+    """y = x W^T (+ bias) + update for a frozen base, the add done by the matmul's epilogue.
+
+    Saves no tensor for its backward (the frozen weight stays on ctx), which layers._lora_tail_forward
+    relies on: a recomputed decoder layer stops before it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, update, weight, bias, quant_state):  # noqa: D102
+        dtype = update.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = update.view(-1, update.shape[-1])  # in place: the adapter's node does not keep its output
+        out.addmm_(x2, _frozen_weight(weight, quant_state, dtype).t())
+        if bias is not None:
+            out.add_(bias.to(dtype))
+        ctx.mark_dirty(update)
+        ctx.weight, ctx.quant_state, ctx.dtype, ctx.shape = weight, quant_state, dtype, x.shape
+        return update
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+            grad_x = torch.mm(g, _frozen_weight(ctx.weight, ctx.quant_state, ctx.dtype)).view(ctx.shape)
+        return grad_x, grad, None, None, None
+
+
+def bits16_drop_count(p: float) -> int:
+    """Of the 65,536 values of 16 random bits, how many drop an element: bits16_dropout realises the
+    drop probability count / 65,536, within 7.7e-6 of p."""
+    return min(65536, max(0, round(p * 65536)))
+
+
+def bits16_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout on the CPU with a keep mask drawn from 16 random bits per element.
+
+    torch's CPU bernoulli_ (behind nn.Dropout and native_dropout) draws one 32-bit number per element
+    in a serial loop: 4.0 ms for a 1024 x 576 input on the benchmark's CPU, on one thread or two,
+    half the time of the 1024 x 576 x 1536 matmul beside it (7.9 ms). Here each 64-bit draw of
+    torch's own generator (so seeds and checkpoint recompute behave as usual) gives four elements:
+    2.2 ms with the mask made and applied, against 5.1 ms for nn.functional.dropout
+    (benchmarks/results/cpu_micro.json). Returns x * mask and the mask: float32, keep / (1 - p')
+    with p' the realised drop probability, so the backward is one in-place multiply (a bool mask
+    costs a conversion each time).
+    """
+    n = x.numel()
+    drop = bits16_drop_count(p)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= drop - 32768
+    mask = keep.to(torch.float32).mul_(65536.0 / (65536 - drop) if drop < 65536 else 0.0)
+    return (x * mask).to(x.dtype), mask
+
+
+def _frozen_matmul(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """x W^T (+ bias) for the frozen base; bitsandbytes runs its 4-bit kernel directly without grad."""
+    bias = None if bias is None else bias.to(dtype)
+    if quant_state is not None:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x2, weight, quant_state=quant_state, bias=bias)
+    return torch.nn.functional.linear(x2, weight.to(dtype), bias)
+
+
+def _frozen_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight (out x in) in the compute dtype, dequantized when 4-bit."""
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
+    return weight.to(dtype)

@@ -37,12 +37,14 @@ LONGEST_FIRST = (
     "integration/test_prefect_flow.py",
     "integration/test_prefect_faults.py",
     "integration/test_registry.py",
-    "integration/test_reliability.py",
     "integration/test_real_model.py",
+    # these share the session's `pipeline` project and change it: they keep their file order
+    "integration/test_dvc_views.py",
     "integration/test_pipeline_dvc.py",
+    "integration/test_reliability.py",
+    "integration/test_serving.py",
     "integration/test_data_deps.py",
     "integration/test_store_modes.py",
-    "integration/test_dvc_views.py",
     "integration/test_bad_inputs.py",
     "integration/test_output.py",
 )

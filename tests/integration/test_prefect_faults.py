@@ -111,10 +111,15 @@ def killed_run(prefect_env):
     workdir = prefect_env.project / ".prefect" / "runs" / str(flow_run.id)
     wait_for_log(flow_run.id, "train: got the slot", 600)
     acquired = time.monotonic()
+    wait_until(lambda: bool(trainers_in(workdir)), 120, every_s=0.5)
     trainers = trainers_in(workdir)
 
     services.kill_server()
     services.start_server()
+    # From here on the test waits for leases and heartbeats, not for training: the trainer pauses
+    # (SIGSTOP) so that it does not take the CPU from the tests running beside this one.
+    for p in trainers:
+        p.suspend()
     # past the lease's first renewal (at 3/4 of it), which goes to the restarted server
     time.sleep(max(0.0, acquired + 0.75 * LEASE_S + 10 - time.monotonic()))
     survived = bool(trainers) and all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in trainers)

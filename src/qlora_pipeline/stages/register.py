@@ -52,7 +52,19 @@ def merge_and_check(ctx: StageContext, resolved, tokenizer, eval_ds):
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         check_saved(tmp, merged)
+        write_json_atomic(tmp / MERGED_FROM, {"run_id": tracking.read_run_id(ctx.paths)})
     return merged, check, revision
+
+
+MERGED_FROM = "merged_from.json"  # in models/merged: the training run whose adapter it holds
+
+
+def merged_from(ctx: StageContext) -> str | None:
+    """The training run whose merge is in models/merged, or None (none there, or an older one)."""
+    try:
+        return json.loads((ctx.paths.merged / MERGED_FROM).read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def serving_requirements() -> list[str]:
@@ -195,8 +207,9 @@ def run(ctx: StageContext) -> dict:
     client = MlflowClient()
     champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
     refuse_another_base(champion, cfg.model.name, reg.model_name)  # before the merge: fail fast
+    _inject_transient_failure()
     existing = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
-    if existing is not None and champion is not None and existing.version == champion.version:
+    if existing is not None and champion is not None and existing.version == champion.version and merged_from(ctx) == run_id:
         return _already_champion(ctx, run_id, existing)
 
     def score(model) -> float:
@@ -210,8 +223,6 @@ def run(ctx: StageContext) -> dict:
             "merge_relative_diff": check.relative_diff,
         })
         challenger_score = score(merged)
-
-        _inject_transient_failure()
         version = register_version(ctx, client, run_id, merged, tokenizer, revision, check, eval_metrics).version
         tracking.retry(lambda: client.set_registered_model_alias(reg.model_name, tracking.CHALLENGER, version), "setting the challenger alias")
 
@@ -244,8 +255,9 @@ def write_records(paths, numbers: dict, record: dict) -> None:
 
 
 def _already_champion(ctx: StageContext, run_id: str, version) -> dict:
-    """A rerun for the training run whose version is champion already: nothing to merge, score or
-    move; the record is rebuilt from the version's tags (what the run that registered it measured)."""
+    """A rerun for the training run whose version is champion already, its merge in models/merged:
+    nothing to merge, score or move; the record is rebuilt from the version's tags (what the run
+    that registered it measured)."""
     reg = ctx.cfg.register
     tags = version.tags
     reason = f"v{version.version} is the champion already; not compared with itself"

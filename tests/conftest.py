@@ -56,6 +56,19 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+SESSION_ENV = {name: os.environ.get(name) for name in MLFLOW_URI_VARS}
+
+
+def restore_mlflow_uris() -> None:
+    """MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI as the session began (mlflow.set_*_uri export them)."""
+    for name in MLFLOW_URI_VARS:
+        if SESSION_ENV.get(name) is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = SESSION_ENV[name]
+
+
 @pytest.fixture(autouse=True)
 def no_environment_leaks():
     """What a test sets in this process's environment ends with it. mlflow.set_tracking_uri and
@@ -65,6 +78,7 @@ def no_environment_leaks():
     yield
     os.environ.clear()
     os.environ.update(saved)
+    restore_mlflow_uris()  # also what a module or session fixture set before `saved`
     if "mlflow" in sys.modules:
         from mlflow.tracking._model_registry import utils as registry_utils
         from mlflow.tracking._tracking_service import utils as tracking_utils

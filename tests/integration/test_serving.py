@@ -13,6 +13,7 @@ import torch
 
 from qlora_pipeline.serving import MODEL_SUBDIR, TOKENIZER_SUBDIR, ask, chat_request, reply_text
 
+from ..conftest import restore_mlflow_uris
 from .conftest import BIN, TINY_PARAMS, free_port, stop, wait_http
 
 pytestmark = pytest.mark.integration
@@ -57,7 +58,10 @@ def logged(pipeline, mlflow_server, tmp_path_factory):
 
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
-    return Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion", dst_path=str(tmp_path_factory.mktemp("champion"))))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion", dst_path=str(tmp_path_factory.mktemp("champion"))))
+    finally:  # set_*_uri export MLFLOW_*_URI: later tests' stage processes must not inherit this server
+        restore_mlflow_uris()
 
 
 def plain_greedy(logged, messages, max_new_tokens: int, dtype=torch.bfloat16) -> str:

@@ -205,17 +205,17 @@ def run(ctx: StageContext) -> dict:
     collator = make_collator(tokenizer, False, cfg.data.max_seq_len)
     samples = sample_rows(eval_ds, cfg.evaluate.num_samples)
     client = MlflowClient()
-    champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
-    refuse_another_base(champion, cfg.model.name, reg.model_name)  # before the merge: fail fast
-    _inject_transient_failure()
-    existing = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
-    if existing is not None and champion is not None and existing.version == champion.version and merged_from(ctx) == run_id:
-        return _already_champion(ctx, run_id, existing)
 
     def score(model) -> float:
         return score_model(model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
 
     with tracking.active_run("register", run_id=run_id):
+        champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
+        refuse_another_base(champion, cfg.model.name, reg.model_name)  # before the merge: fail fast
+        _inject_transient_failure()
+        existing = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
+        if existing is not None and champion is not None and existing.version == champion.version and merged_from(ctx) == run_id:
+            return _already_champion(ctx, run_id, existing)
         merged, check, revision = merge_and_check(ctx, resolved, tokenizer, eval_ds)
         tracking.log_metrics_once({
             "merge_max_abs_logit_diff": check.max_abs_logit_diff,
@@ -273,7 +273,6 @@ def _already_champion(ctx: StageContext, run_id: str, version) -> dict:
         "merge_relative_diff": float(tags["merge_relative_diff"]) if "merge_relative_diff" in tags else None,
     }
     record = {"model_name": reg.model_name, "run_id": run_id, "metric": reg.metric, **numbers, "reason": reason}
-    with tracking.active_run("register", run_id=run_id):
-        write_records(ctx.paths, numbers, record)
+    write_records(ctx.paths, numbers, record)
     log.info("%s v%s is this training run's version and the champion already; nothing merged or moved", reg.model_name, version.version)
     return record

@@ -125,7 +125,12 @@ def test_logged_folder_is_plain_transformers(logged, mlflow_server):
     assert model.generation_config.do_sample is False
     assert len(plain_greedy(logged, [{"role": "user", "content": PROMPT}], 4, dtype=torch.float32)) > 0
 
-    # The register stage scores the champion from the same artifact (load_champion).
+    # The register stage scores the champion from the same artifact (load_champion), on the
+    # server this test sets (the autouse fixture resets the URIs between tests).
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
     champion = load_champion(MODEL, torch.float32)
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     with torch.no_grad():

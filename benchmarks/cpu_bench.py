@@ -122,7 +122,7 @@ def load_variant(name: str, model: str, cache_dir: str, steps: int):
     ensure_pad_token(tokenizer)
     model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
     set_seed(cfg.train.seed)
-    model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    model = apply_lora(model, cfg.lora)
     return cfg, tokenizer, model
 
 

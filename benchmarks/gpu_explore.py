@@ -296,7 +296,7 @@ def main() -> int:
     shape, seq = args.shape, bench.SEQ_LEN[args.shape]
     t = time.perf_counter()
     model = bench.build_model(shape, dev, torch.bfloat16 if gpu else torch.float32)
-    model = apply_lora(model, bench.lora_settings(bench.LORA["dropout"]), gradient_checkpointing="auto")
+    model = apply_lora(model, bench.lora_settings(bench.LORA["dropout"]))
     cfg = TrainConfig(per_device_batch_size=bench.BATCH[shape], gradient_accumulation_steps=1, memory_budget_gib=args.budget_gib)
     model, cfg2, collator, rep = fast.apply_fast_path(model, cfg, bench.collate_padded, max_seq_len=seq)
     report["build_s"] = round(time.perf_counter() - t, 1)

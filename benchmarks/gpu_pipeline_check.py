@@ -74,7 +74,7 @@ def check_shape(name: str, work: Path, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = load_base_model(cfg.model, cfg.quantization, resolved)
     set_seed(cfg.train.seed)
-    model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    model = apply_lora(model, cfg.lora)
     start = time.perf_counter()
     result = train_adapter(model, tokenizer, prepared.train, collator, cfg.train, work / f"{name}-ckpt", dtype)
     train_s = time.perf_counter() - start

@@ -154,7 +154,7 @@ def setup_recipe(model, spec: dict[str, Any]):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from qlora_pipeline.config import TrainConfig
-    from qlora_pipeline.core.fast import apply_fast_path
+    from qlora_pipeline.core.fast import apply_fast_path, decoder_layers, set_checkpointed_layers
     from qlora_pipeline.core.model import apply_lora
 
     recipe, batch, dropout = spec["recipe"], spec["batch"], spec["lora_dropout"]
@@ -167,7 +167,9 @@ def setup_recipe(model, spec: dict[str, Any]):
         )
         return get_peft_model(model, peft_cfg), batch, 1, collate_padded, None
     if recipe in ("plain", "plain_nockpt"):
-        model = apply_lora(model, lora_settings(dropout), gradient_checkpointing=recipe == "plain")
+        model = apply_lora(model, lora_settings(dropout))
+        if recipe == "plain":  # every decoder layer recomputed, as transformers' gradient checkpointing
+            set_checkpointed_layers(model, len(decoder_layers(model)))
         return model, batch, 1, collate_padded, None
     # fast, fast_max, fast_compiled*: the pipeline's own call (core/train.py makes the same one)
     on_gpu = spec["device"] == "cuda"
@@ -183,7 +185,7 @@ def setup_recipe(model, spec: dict[str, Any]):
         compile=recipe.startswith("fast_compiled"),
         dropout_mask_bits=recipe == "fast_bits",
     )
-    model = apply_lora(model, lora_settings(dropout), gradient_checkpointing="auto")
+    model = apply_lora(model, lora_settings(dropout))
     model, cfg, collator, report = apply_fast_path(model, cfg, collate_padded, max_seq_len=spec["seq_len"])
     return model, cfg.per_device_batch_size, cfg.gradient_accumulation_steps, collator, report
 

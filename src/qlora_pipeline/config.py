@@ -205,6 +205,21 @@ class TrainConfig(_Section):
         return v
 
     @model_validator(mode="after")
+    def _fast_path_combinations(self) -> "TrainConfig":
+        """Switches that cannot work together, refused at load time (qlora check), not at train start."""
+        if self.dropout_mask_bits is True and self.fused_lora is False:
+            raise ValueError(
+                "dropout_mask_bits: true needs fused LoRA layers (the bit masks live in their autograd node); "
+                "set fused_lora to auto or true, or dropout_mask_bits to false"
+            )
+        if self.dropout_mask_bits is True and self.compile is True:
+            raise ValueError(
+                "dropout_mask_bits: true and compile: true cannot both apply: compiled layers fuse their own "
+                "dropout and keep no mask; set one of them to false (or auto)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _eval_fits_schedule(self) -> "TrainConfig":
         if not self.eval_steps:
             return self

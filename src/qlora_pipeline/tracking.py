@@ -1,4 +1,5 @@
-"""MLflow: where runs go, one run per pipeline execution across stages, lineage, the registry.
+"""MLflow tracking: where runs go, one run per pipeline execution across stages, lineage, what a
+training run logs (its metrics at each step, the prepared data's report), retries of transient errors.
 
 Default store: SQLite under mlflow/ with artifacts beside it; MLFLOW_TRACKING_URI overrides it.
 Credentials (MLFLOW_TRACKING_USERNAME / _PASSWORD, hub tokens) are read by MLflow and the hub
@@ -24,7 +25,6 @@ from qlora_pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 EXTRA_TAGS_ENV = "QLORA_TAGS"
 T = TypeVar("T")
 
@@ -321,72 +321,46 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 4, first_delay_s: floa
     raise AssertionError("unreachable")
 
 
-# ---- registry --------------------------------------------------------------------------------
+# ---- what a training run logs ----------------------------------------------------------------
 
 
-def version_for_run(client, model_name: str, run_id: str):
-    """The version already registered from this training run, if any (makes register idempotent)."""
-    for mv in client.search_model_versions(f"name='{model_name}'"):
-        if mv.tags.get("train_run_id") == run_id:
-            return mv
-    return None
+def metrics_callback(run_id: str | None = None):
+    """A transformers TrainerCallback that logs every Trainer log row (loss, learning rate, grad
+    norm, tokens/s) to the active MLflow run at its global step, from the main process only.
 
-
-def alias_version(client, model_name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
-
-
-PROMOTION_LOCK_TIMEOUT_S = 3600.0  # a registration waits this long for another one's decision
-
-
-def promotion_lock_path(model_name: str) -> Path:
-    """One lock file per registered model name for every project and store on this host.
-
-    Keyed by the name alone: two stores holding the same name share a lock, which costs a wait,
-    never a wrong decision. Set QLORA_LOCK_DIR to share it over a network file system.
+    run_id: the run being resumed, if any. Steps it already holds (logged before the kill, re-run
+    since the last checkpoint) are not logged twice, so the history has neither gaps nor duplicates.
+    transformers is imported here, not with this module, which orchestration imports too.
     """
-    import hashlib
-    import tempfile
+    from transformers import TrainerCallback
 
-    folder = Path(os.environ.get("QLORA_LOCK_DIR") or Path(tempfile.gettempdir()) / "qlora-locks")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"promote-{hashlib.sha256(model_name.encode()).hexdigest()[:16]}.lock"
+    logged_up_to = -1
+    if run_id:
+        from mlflow import MlflowClient
 
+        logged_up_to = max((m.step for m in MlflowClient().get_metric_history(run_id, "loss")), default=-1)
 
-@contextmanager
-def promotion_lock(model_name: str, timeout_s: float = PROMOTION_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Held from reading the champion to moving the alias, so no decision is made on a stale one.
+    class MlflowMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            import mlflow
 
-    Raises:
-        RegistryError: another registration held the lock for longer than timeout_s.
-    """
-    from filelock import FileLock, Timeout
+            if not state.is_world_process_zero or not logs or state.global_step <= logged_up_to:
+                return
+            numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numbers:
+                mlflow.log_metrics(numbers, step=state.global_step)
 
-    lock = FileLock(str(promotion_lock_path(model_name)))
-    try:
-        lock.acquire(timeout=1.0)
-    except Timeout:
-        log.info("waiting for another registration of %s to finish its promotion decision", model_name)
-        try:
-            lock.acquire(timeout=timeout_s)
-        except Timeout:
-            raise RegistryError(
-                f"another registration of {model_name} held the promotion lock {lock.lock_file} for over "
-                f"{timeout_s:.0f}s; if no qlora register is running, delete that file and run register again"
-            ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+    return MlflowMetrics()
 
 
-def promote(client, model_name: str, version: str, reason: str) -> None:
-    """Point `champion` at version and record why on the version."""
-    client.set_registered_model_alias(model_name, CHAMPION, version)
-    client.set_model_version_tag(model_name, version, "promotion_reason", reason)
-    client.set_model_version_tag(model_name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+def log_data_report(paths: ProjectPaths) -> None:
+    """The prepare stage's stats, validation report and token-length histogram, into the active run."""
+    import mlflow
+
+    from qlora_pipeline.plots import read_histogram, token_length_figure
+
+    stats = json.loads((paths.prepared / "stats.json").read_text())
+    mlflow.log_metrics({f"data_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for name in ("stats.json", "report.json", "lengths.csv"):
+        mlflow.log_artifact(str(paths.prepared / name), artifact_path="data")
+    mlflow.log_figure(token_length_figure(read_histogram(paths.prepared / "lengths.csv")), "data/token_lengths.png")

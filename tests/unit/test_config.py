@@ -38,11 +38,13 @@ def test_default_params_validate():
         ("register.model_name=team/support-bot", "register.model_name: 'team/support-bot' is not a registered model name"),
         ("register.model_name=bot:v2", "MLflow refuses '/' and ':'"),
         ("register.model_name=' bot'", "is not a registered model name"),
+        ("train.dropout_mask_bits=true;train.fused_lora=false", "dropout_mask_bits: true needs fused LoRA layers"),
+        ("train.dropout_mask_bits=true;train.compile=true", "dropout_mask_bits: true and compile: true cannot both apply"),
     ],
 )
 def test_bad_params_name_the_key(override, expected):
     with pytest.raises(ConfigError) as info:
-        load_config(DEFAULT_PARAMS, [override])
+        load_config(DEFAULT_PARAMS, override.split(";"))
     assert expected in str(info.value)
 
 

@@ -52,14 +52,14 @@ def test_cpu_options_plan_against_ram_and_fuse_lora(monkeypatch):
 
 def test_apply_lora_leaves_auto_checkpointing_to_the_plan(tiny_model):
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora, gradient_checkpointing="auto")
+    model = apply_lora(model, cfg.lora)
     assert recomputed(model) == [False, False]
 
 
 def test_auto_recomputes_nothing_on_a_cpu_with_ram_to_spare(tiny_model, monkeypatch):
     cfg, _, model = tiny_model
     with_available_ram(monkeypatch, 64.0)
-    model = apply_lora(model, cfg.lora, gradient_checkpointing="auto")
+    model = apply_lora(model, cfg.lora)
     model, _, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), None, max_seq_len=SEQ_LEN)
     assert report.plan.checkpoint_layers == 0 and report.plan.fits
     assert recomputed(model) == [False, False]
@@ -69,7 +69,7 @@ def test_auto_recomputes_nothing_on_a_cpu_with_ram_to_spare(tiny_model, monkeypa
 
 def test_auto_recomputes_as_few_layers_as_the_ram_needs(tiny_model, monkeypatch):
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora, gradient_checkpointing="auto")
+    model = apply_lora(model, cfg.lora)
     none, one = tiny_peak_gib(model, cfg, 0), tiny_peak_gib(model, cfg, 1)
     assert none > one
     # half the available RAM is the budget: between the estimates with none and one layer recomputed
@@ -82,7 +82,7 @@ def test_auto_recomputes_as_few_layers_as_the_ram_needs(tiny_model, monkeypatch)
 
 def test_auto_recomputes_every_layer_and_warns_when_nothing_fits(tiny_model, monkeypatch, caplog):
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora, gradient_checkpointing="auto")
+    model = apply_lora(model, cfg.lora)
     with_available_ram(monkeypatch, 1e-6)
     model, _, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), None, max_seq_len=SEQ_LEN)
     assert report.plan.checkpoint_layers == 2 and not report.plan.fits
@@ -94,7 +94,8 @@ def test_auto_recomputes_every_layer_and_warns_when_nothing_fits(tiny_model, mon
 def test_an_explicit_setting_is_kept_on_a_cpu(tiny_model, monkeypatch, setting, expected):
     cfg, _, model = tiny_model
     with_available_ram(monkeypatch, 64.0)
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=setting)
+    model = apply_lora(model, cfg.lora)
+    assert recomputed(model) == [False, False]  # one place decides recompute: the fast path's plan
     model, _, _, report = fast.apply_fast_path(
         model, TrainConfig(gradient_checkpointing=setting, per_device_batch_size=4), None, max_seq_len=SEQ_LEN
     )
@@ -145,7 +146,7 @@ def test_fused_lora_with_bits16_masks_has_the_reference_gradients(tiny_model):
     # forward and backward see the same mask: outputs and gradients equal a reference computed
     # with the mask bits16_dropout draws from the same seed
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.3}), gradient_checkpointing=False)
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.3}))
     layer = fast.decoder_layers(model)[0].mlp.up_proj
     layer.train()
     for p in layer.lora_B.parameters():
@@ -178,7 +179,7 @@ def test_cpu_defaults_train_through_the_pipeline(tiny_model, tmp_path, tiny_cfg,
     cfg, tokenizer, model = tiny_model
     train_cfg = tiny_cfg().train
     assert train_cfg.gradient_checkpointing == "auto" and train_cfg.fused_lora == "auto"
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=train_cfg.gradient_checkpointing)
+    model = apply_lora(model, cfg.lora)
     dims = fast.ModelDims.from_config(fast.unwrap(model).config)
     longest = max(len(r) for r in tiny_dataset(tokenizer)["input_ids"])
 
@@ -218,7 +219,7 @@ def test_recomputed_layers_draw_the_same_bits16_masks(tiny_model):
     # checkpointing restores torch's CPU generator before a recompute, so a recomputed layer sees the
     # masks its forward drew: loss and LoRA gradients equal those without recompute
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.3}), gradient_checkpointing=False)
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.3}))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)

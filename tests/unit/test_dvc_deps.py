@@ -64,12 +64,15 @@ def docstring_only(name: str) -> bool:
 
 
 def closure(start: str) -> set[str]:
+    """The modules start imports, directly or not; what only a record-keeping module imports (the
+    figure tracking logs, say) changes the records, not the stage's outputs, and is not followed."""
     seen, todo = set(), [start]
     while todo:
         mod = todo.pop()
         if mod not in seen:
             seen.add(mod)
-            todo.extend(imported(mod) - seen)
+            if mod not in RECORD_KEEPING:
+                todo.extend(imported(mod) - seen)
     return seen
 
 

@@ -18,6 +18,7 @@ from qlora_pipeline.config import TrainConfig, validate_params
 from qlora_pipeline.core import fast
 from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.model import apply_lora, resolve_compute_dtype
+from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.errors import ConfigError
 
@@ -74,7 +75,7 @@ def test_compile_knob_accepts_bool_or_auto_and_defaults_off(value):
 def test_compile_forced_on_where_torch_compile_is_disabled_fails_clearly(monkeypatch):
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     assert fast.resolve_options(TrainConfig(compile="auto"), "cpu").compile is False
-    with pytest.raises(RuntimeError, match="train.compile is true but it is not available"):
+    with pytest.raises(ConfigError, match="train.compile is true but it is not available"):
         fast.resolve_options(TrainConfig(compile=True), "cpu")
 
 
@@ -90,13 +91,13 @@ def test_compiled_plan_keeps_the_measured_fastest_choice():
 
 
 def test_bit_masks_forced_on_without_a_cuda_gpu_fail_clearly():
-    with pytest.raises(RuntimeError, match="train.dropout_mask_bits is true but it is not available here"):
+    with pytest.raises(ConfigError, match="train.dropout_mask_bits is true but it is not available here"):
         fast.resolve_options(TrainConfig(dropout_mask_bits=True), "cpu")
 
 
 def test_liger_forced_on_without_liger_fails_clearly(monkeypatch):
     monkeypatch.setattr(fast.options, "liger_available", lambda: False)
-    with pytest.raises(RuntimeError, match="train.use_liger is true but it is not available"):
+    with pytest.raises(ConfigError, match="train.use_liger is true but it is not available"):
         fast.resolve_options(TrainConfig(use_liger=True), "cpu")
 
 
@@ -192,9 +193,9 @@ def tiny_dataset(tokenizer, rows: int = 24) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def lora_with_visible_update(model, cfg, gradient_checkpointing):
+def lora_with_visible_update(model, cfg):
     """LoRA without dropout and with B != 0, and a function giving (loss, LoRA grads) on fixed ids."""
-    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}), gradient_checkpointing=gradient_checkpointing)
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero; make the update visible
             torch.nn.init.normal_(p, std=0.05)
@@ -210,7 +211,7 @@ def lora_with_visible_update(model, cfg, gradient_checkpointing):
 
 def test_fused_lora_matches_peft_forward_and_grads(tiny_model):
     cfg, _, model = tiny_model
-    model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
+    model, loss_and_grads = lora_with_visible_update(model, cfg)
     ref_loss, ref_grads = loss_and_grads()
     assert fast.fuse_lora(model) == 14
     loss, grads = loss_and_grads()
@@ -223,7 +224,7 @@ def test_recompute_stops_before_the_last_frozen_matmul_of_each_layer(tiny_model,
     # every layer checkpointed: the backward re-runs each layer's forward, but only until its last
     # saved tensor; the tail layer (down_proj) runs its adapter first, so its 4-bit matmul is skipped
     cfg, _, model = tiny_model
-    model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
+    model, loss_and_grads = lora_with_visible_update(model, cfg)
     ref_loss, ref_grads = loss_and_grads()
     fast.set_checkpointed_layers(model, 2)
     model.train()  # checkpointing only applies in training mode; LoRA dropout is 0 here
@@ -277,7 +278,7 @@ def count_nodes(monkeypatch) -> list[int]:
 
 def test_sibling_layers_run_as_one_node_with_peft_results(tiny_model, monkeypatch):
     cfg, _, model = tiny_model
-    model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
+    model, loss_and_grads = lora_with_visible_update(model, cfg)
     model.train()  # in eval mode bitsandbytes repacks CPU weights for inference (and peft runs them)
     ref_loss, ref_grads = loss_and_grads()
     sizes = count_nodes(monkeypatch)
@@ -297,7 +298,7 @@ def test_sibling_layers_run_as_one_node_with_peft_results(tiny_model, monkeypatc
 
 def test_sibling_group_called_out_of_turn_falls_back_to_each_layer(tiny_model):
     cfg, _, model = tiny_model
-    model, _ = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
+    model, _ = lora_with_visible_update(model, cfg)
     model.train()
     attn = fast.decoder_layers(model)[0].self_attn
     x, other = torch.randn(2, 5, attn.q_proj.in_features), torch.randn(2, 5, attn.q_proj.in_features)
@@ -315,7 +316,7 @@ def test_grouped_dropout_draws_each_layers_mask_as_single_nodes_do(tiny_model):
     # a group draws its members' masks in member order: with one seed, grouped and single nodes
     # see the same masks, so outputs and gradients agree exactly
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.3}), gradient_checkpointing=False)
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.3}))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -343,7 +344,7 @@ def test_fused_lora_returns_the_autocast_dtype_for_float32_inputs(tiny_model):
     # OPT's LayerNorm runs in float32 under autocast, so its q/k/v inputs are float32; the LoRA
     # layers must still return bf16, as autocast's own matmuls do (flash attention takes no float32)
     cfg, _, model = tiny_model
-    model, _ = lora_with_visible_update(model, cfg, gradient_checkpointing=False)
+    model, _ = lora_with_visible_update(model, cfg)
     model.train()  # as in training (in eval mode bitsandbytes repacks CPU weights for inference)
     attn, mlp = fast.decoder_layers(model)[0].self_attn, fast.decoder_layers(model)[0].mlp
     x = torch.randn(2, 5, attn.q_proj.in_features)
@@ -358,7 +359,7 @@ def test_fused_lora_returns_the_autocast_dtype_for_float32_inputs(tiny_model):
 
 def test_fused_lora_leaves_trained_base_parameters_to_peft(tiny_model):
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
+    model = apply_lora(model, cfg.lora)
     layer = fast.decoder_layers(model)[0].self_attn.q_proj
     x = torch.zeros(1, 1, layer.in_features)
     assert fast._lora_inputs(layer, x, (), {}) is not None
@@ -372,7 +373,7 @@ def test_fused_lora_with_dropout_matches_peft_in_distribution(tiny_model):
     # with dropout the masks differ from peft's, so compare what must hold exactly: the same mask
     # seen by forward and backward (gradients equal a reference computed from the saved mask)
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.5}), gradient_checkpointing=False)
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.5}))
     layer = fast.decoder_layers(model)[0].self_attn.q_proj
     layer.train()
     for p in layer.lora_B.parameters():
@@ -403,7 +404,7 @@ def test_fused_lora_with_dropout_matches_peft_in_distribution(tiny_model):
 
 def test_checkpointing_the_first_layers_only(tiny_model):
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
+    model = apply_lora(model, cfg.lora)
     assert fast.set_checkpointed_layers(model, 1) == 1
     assert [layer.gradient_checkpointing for layer in fast.decoder_layers(model)] == [True, False]
 
@@ -415,7 +416,7 @@ def test_fast_path_trains_through_the_pipeline(tiny_model, tmp_path, tiny_cfg, m
     flattened = []
     monkeypatch.setattr(fast.attention, "flatten_batch", lambda batch, f=fast.flatten_batch: flattened.append(1) or f(batch))
     train_cfg = tiny_cfg("train.fused_lora=true", "train.padding_free=true", "train.gradient_checkpointing=1").train
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=1)
+    model = apply_lora(model, cfg.lora)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -436,7 +437,7 @@ def test_fast_path_trains_through_the_pipeline(tiny_model, tmp_path, tiny_cfg, m
 
 def test_compile_auto_leaves_a_cpu_model_eager(tiny_model):
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora, gradient_checkpointing="auto")
+    model = apply_lora(model, cfg.lora)
     model, _, _, report = fast.apply_fast_path(model, TrainConfig(compile="auto"), None, max_seq_len=16)
     assert report.compiled_layers == 0 and "not compiled" in report.describe()
     assert all(layer._compiled_call_impl is None for layer in fast.decoder_layers(model))
@@ -449,7 +450,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, monkeypatch):
     cfg, _, model = tiny_model
     monkeypatch.setattr(fast.layers, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
-    model, loss_and_grads = lora_with_visible_update(model, cfg, gradient_checkpointing=1)
+    model, loss_and_grads = lora_with_visible_update(model, cfg)
     ref_loss, ref_grads = loss_and_grads()
     train_cfg = TrainConfig(compile=True, fused_lora=True, gradient_checkpointing=1)
     model, _, _, report = fast.apply_fast_path(model, train_cfg, None, max_seq_len=12)

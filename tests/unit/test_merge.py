@@ -19,7 +19,7 @@ def adapter_dir(tiny_cache, tmp_path_factory):
 
     cfg = load_config(DEFAULT_PARAMS, ["model.name=builtin:tiny-llama"])
     resolved = resolve_model(cfg.model, tiny_cache)
-    model = apply_lora(load_base_model(cfg.model, cfg.quantization, resolved), cfg.lora, False)
+    model = apply_lora(load_base_model(cfg.model, cfg.quantization, resolved), cfg.lora)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():

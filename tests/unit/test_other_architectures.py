@@ -91,6 +91,6 @@ def test_gpt2_conv1d_layers_are_lora_targets(mode, model_dir, tmp_path):
     cfg = make_cfg(str(model_dir("gpt2")), *MODES[mode], "lora.target_modules=[c_attn]")
     model = load_base_model(cfg.model, cfg.quantization, resolve_model(cfg.model, tmp_path))
     assert linear_module_names(model) == ["c_attn", "c_fc", "c_proj"]  # the tied head is not one
-    peft_model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
+    peft_model = apply_lora(model, cfg.lora)
     adapted = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and m.lora_A)
     assert adapted == [f"base_model.model.transformer.h.{i}.attn.c_attn" for i in range(2)]

@@ -18,7 +18,7 @@ from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.plots import loss_figure, read_histogram, save_png, token_length_figure
 from qlora_pipeline.stages.prepare import numbers_only
-from qlora_pipeline.stages.train import MlflowMetricsCallback
+from qlora_pipeline.tracking import metrics_callback
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -81,14 +81,14 @@ def test_eval_during_training_keeps_the_best_checkpoint(tiny_model, tiny_cfg, tm
                    "train.learning_rate=0.01")
     _, tokenizer, model = tiny_model
     torch.manual_seed(cfg.train.seed)  # the LoRA init, whatever ran before (as the train stage seeds it)
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
+    model = apply_lora(model, cfg.lora)
     a, b = 100, 101
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a real local store
     with mlflow.start_run() as run:
         result = train_adapter(
             model, tokenizer, _rows([[a, b] * (8 + i % 4) for i in range(24)]), make_collator(tokenizer, False, 64), cfg.train,
             tmp_path / "ckpt", resolve_compute_dtype(cfg.quantization.compute_dtype),
-            callbacks=[MlflowMetricsCallback()],
+            callbacks=[metrics_callback()],
             eval_dataset=_rows([[a] * 24] * 8), eval_collator=make_collator(tokenizer, False, 64),
         )
     sent_to_mlflow = [(m.step, {"eval_loss": m.value}) for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_loss")]

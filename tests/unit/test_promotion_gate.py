@@ -76,7 +76,7 @@ def _hold_lock(name: str, lock_dir: str, hold_s: float, events) -> None:
     import os
 
     os.environ["QLORA_LOCK_DIR"] = lock_dir
-    from qlora_pipeline.tracking import promotion_lock
+    from qlora_pipeline.registry import promotion_lock
 
     with promotion_lock(name):
         events.put(("in", time.monotonic()))

@@ -70,7 +70,7 @@ def train_merge_reload(cfg, cache: Path, out: Path, merge_dtype: torch.dtype = t
     resolved = resolve_model(cfg.model, cache)
     tokenizer = load_tokenizer(cfg.model, resolved)
     ensure_pad_token(tokenizer)
-    model = apply_lora(load_base_model(cfg.model, cfg.quantization, resolved), cfg.lora, gradient_checkpointing=False)
+    model = apply_lora(load_base_model(cfg.model, cfg.quantization, resolved), cfg.lora)
     rows = [tokenizer(f"Sample {i}: the quick brown fox.").input_ids + [tokenizer.eos_token_id] for i in range(12)]
     result = train_adapter(
         model, tokenizer, Dataset.from_dict({"input_ids": rows, "labels": rows}), make_collator(tokenizer, False, 64),

@@ -31,7 +31,7 @@ def test_base_loads_as_real_4bit_nf4(tiny_model):
 
 def test_training_moves_lora_not_base(tiny_model, tmp_path):
     cfg, tokenizer, model = tiny_model
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=True)
+    model = apply_lora(model, cfg.lora)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     quant_before = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
@@ -60,7 +60,7 @@ def test_training_moves_lora_not_base(tiny_model, tmp_path):
 def test_resume_continues_from_last_checkpoint(tiny_model, tmp_path, tiny_cfg):
     cfg = tiny_cfg("train.save_steps=4", "train.max_steps=4")
     _, tokenizer, model = tiny_model
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=False)
+    model = apply_lora(model, cfg.lora)
     data, collator = tiny_dataset(tokenizer), make_collator(tokenizer, False, 64)
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
     first = train_adapter(model, tokenizer, data, collator, cfg.train, tmp_path, dtype)
@@ -77,4 +77,4 @@ def test_target_modules_that_match_nothing_fail_clearly(tiny_model, tiny_cfg):
     cfg = tiny_cfg("lora.target_modules=[c_attn]")
     _, _, model = tiny_model
     with pytest.raises(ConfigError, match=r"lora.target_modules: \['c_attn'\] match no linear layer.*q_proj"):
-        apply_lora(model, cfg.lora, gradient_checkpointing=False)
+        apply_lora(model, cfg.lora)

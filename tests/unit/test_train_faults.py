@@ -24,7 +24,7 @@ def lora_model(cfg, tokenizer, tiny_cache):
     """A fresh 4-bit base with LoRA, initialised from the seed: two calls give the same start."""
     base = load_base_model(cfg.model, cfg.quantization, resolve_model(cfg.model, tiny_cache), vocab_size=len(tokenizer))
     set_seed(cfg.train.seed)
-    return apply_lora(base, cfg.lora, gradient_checkpointing=False)
+    return apply_lora(base, cfg.lora)
 
 
 def train(model, tokenizer, cfg, checkpoint_dir, callbacks=None):

@@ -184,8 +184,16 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool | int | str):
-    """Wrap the quantized model with trainable LoRA adapters; the base stays frozen."""
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
+    """Wrap the quantized model with trainable LoRA adapters; the base stays frozen.
+
+    Which decoder layers recompute in the backward (gradient checkpointing) is decided in one
+    place, the fast path's memory plan (core/fast/memory.py, `set_checkpointed_layers`), which
+    `train_adapter` applies from `train.gradient_checkpointing`.
+
+    Raises:
+        ConfigError: a name in `lora.target_modules` matches no linear layer of the model.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -199,11 +207,6 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
             )
     for param in model.parameters():
         param.requires_grad_(False)
-    # auto: which layers recompute is the memory plan's call (core/fast/memory.py, apply_fast_path).
-    if gradient_checkpointing != "auto" and gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # With a frozen embedding, checkpointed blocks need an input that requires grad.
-        model.enable_input_require_grads()
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,

@@ -20,7 +20,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import set_signature
 
-from qlora_pipeline import serving, tracking
+from qlora_pipeline import registry, serving, tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.config import RegisterConfig, registered_name
 from qlora_pipeline.core.data.collate import make_collator
@@ -75,7 +75,7 @@ def serving_requirements() -> list[str]:
 
 
 def load_champion(model_name: str, dtype: torch.dtype):
-    components = mlflow.transformers.load_model(f"models:/{model_name}@{tracking.CHAMPION}", return_type="components", torch_dtype=dtype)
+    components = mlflow.transformers.load_model(f"models:/{model_name}@{registry.CHAMPION}", return_type="components", torch_dtype=dtype)
     model = components["model"]
     return model.to("cuda") if torch.cuda.is_available() else model
 
@@ -104,7 +104,7 @@ def _inject_transient_failure() -> None:
 def register_version(ctx: StageContext, client, run_id: str, merged, tokenizer, revision: str, check, eval_metrics: dict):
     """The version registered from this training run: the existing one, or a new one with lineage."""
     cfg, reg = ctx.cfg, ctx.cfg.register
-    version = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
+    version = tracking.retry(lambda: registry.version_for_run(client, reg.model_name, run_id), "searching model versions")
     if version is not None:
         return version
     tags = {
@@ -157,7 +157,7 @@ def refuse_another_base(champion, base_model: str, model_name: str) -> None:
 
 def contest(ctx: StageContext, client, version: str, score_rival) -> Contest:
     """The current champion and its score on this eval split (read under the promotion lock)."""
-    champion = tracking.retry(lambda: tracking.alias_version(client, ctx.cfg.register.model_name, tracking.CHAMPION), "reading the champion alias")
+    champion = tracking.retry(lambda: registry.alias_version(client, ctx.cfg.register.model_name, registry.CHAMPION), "reading the champion alias")
     if champion is None:
         return Contest()
     refuse_another_base(champion, ctx.cfg.model.name, ctx.cfg.register.model_name)
@@ -175,12 +175,12 @@ def decide_and_promote(ctx: StageContext, client, version: str, eval_metrics: di
     """
     reg = ctx.cfg.register
     for _ in range(3):
-        with tracking.promotion_lock(reg.model_name):
+        with registry.promotion_lock(reg.model_name):
             rival = contest(ctx, client, version, score_rival)
             decision = decide(reg, eval_metrics[reg.metric], eval_metrics[f"base_{reg.metric}"], challenger_score, rival)
             if decision.promote:
-                tracking.retry(lambda: tracking.promote(client, reg.model_name, version, f"gate passed: {decision.reason}"), "promoting to champion")
-            now = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
+                tracking.retry(lambda: registry.promote(client, reg.model_name, version, f"gate passed: {decision.reason}"), "promoting to champion")
+            now = tracking.retry(lambda: registry.alias_version(client, reg.model_name, registry.CHAMPION), "reading the champion alias")
             expected = version if decision.promote else rival.champion_version
             if (now.version if now else None) == expected:
                 return decision, rival
@@ -188,62 +188,91 @@ def decide_and_promote(ctx: StageContext, client, version: str, eval_metrics: di
     raise RegistryError(f"the champion alias of {reg.model_name} kept moving during three promotion decisions; run register again")
 
 
+def read_eval_metrics(ctx: StageContext) -> dict:
+    """metrics/eval.json, checked to hold register.metric before anything is loaded.
+
+    Raises:
+        RegistryError: register.metric is not among the evaluate stage's metrics.
+    """
+    metric = ctx.cfg.register.metric
+    eval_metrics = json.loads(ctx.paths.eval_metrics.read_text())
+    if metric not in eval_metrics:
+        raise RegistryError(
+            f"register.metric {metric!r} is not in metrics/eval.json (has {sorted(eval_metrics)}); "
+            "exact_match and chrf need eval rows with prompts and evaluate.num_samples > 0"
+        )
+    return eval_metrics
+
+
+def scorer(ctx: StageContext, tokenizer, eval_ds):
+    """model -> register.metric on this run's eval split, the way the evaluate stage scores."""
+    cfg = ctx.cfg
+    collator = make_collator(tokenizer, False, cfg.data.max_seq_len)
+    samples = sample_rows(eval_ds, cfg.evaluate.num_samples)
+    return lambda model: score_model(model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[cfg.register.metric]
+
+
 def run(ctx: StageContext) -> dict:
-    """Merge, check, score, register, then gate the promotion; writes metrics/ and reports/register.json."""
+    """Merge, check, score, register, then gate the promotion; writes metrics/ and reports/register.json.
+
+    Raises:
+        RegistryError: register.metric missing from metrics/eval.json, a champion from another base
+            model, or a champion alias that keeps moving.
+        MergeError: the merged model does not match the adapter model within register.merge_tolerance.
+    """
     cfg, paths = ctx.cfg, ctx.paths
     reg = cfg.register
     tracking.setup(paths, cfg.tracking.experiment)
     run_id = tracking.read_run_id(paths)
-    eval_metrics = json.loads(paths.eval_metrics.read_text())
-    if reg.metric not in eval_metrics:
-        raise RegistryError(
-            f"register.metric {reg.metric!r} is not in metrics/eval.json (has {sorted(eval_metrics)}); "
-            "exact_match and chrf need eval rows with prompts and evaluate.num_samples > 0"
-        )
+    eval_metrics = read_eval_metrics(ctx)
     resolved, tokenizer = base_tokenizer(ctx)
     eval_ds = eval_split(ctx)
-    collator = make_collator(tokenizer, False, cfg.data.max_seq_len)
-    samples = sample_rows(eval_ds, cfg.evaluate.num_samples)
+    score = scorer(ctx, tokenizer, eval_ds)
     client = MlflowClient()
 
-    def score(model) -> float:
-        return score_model(model, tokenizer, eval_ds, collator, cfg.evaluate, samples).metrics[reg.metric]
-
     with tracking.active_run("register", run_id=run_id):
-        champion = tracking.retry(lambda: tracking.alias_version(client, reg.model_name, tracking.CHAMPION), "reading the champion alias")
+        champion = tracking.retry(lambda: registry.alias_version(client, reg.model_name, registry.CHAMPION), "reading the champion alias")
         refuse_another_base(champion, cfg.model.name, reg.model_name)  # before the merge: fail fast
         _inject_transient_failure()
-        existing = tracking.retry(lambda: tracking.version_for_run(client, reg.model_name, run_id), "searching model versions")
+        existing = tracking.retry(lambda: registry.version_for_run(client, reg.model_name, run_id), "searching model versions")
         if existing is not None and champion is not None and existing.version == champion.version and merged_from(ctx) == run_id:
             return _already_champion(ctx, run_id, existing)
+        # merge and check
         merged, check, revision = merge_and_check(ctx, resolved, tokenizer, eval_ds)
         tracking.log_metrics_once({
             "merge_max_abs_logit_diff": check.max_abs_logit_diff,
             "merge_mean_abs_logit_diff": check.mean_abs_logit_diff,
             "merge_relative_diff": check.relative_diff,
         })
+        # score, register, promote
         challenger_score = score(merged)
         version = register_version(ctx, client, run_id, merged, tokenizer, revision, check, eval_metrics).version
-        tracking.retry(lambda: client.set_registered_model_alias(reg.model_name, tracking.CHALLENGER, version), "setting the challenger alias")
-
+        tracking.retry(lambda: client.set_registered_model_alias(reg.model_name, registry.CHALLENGER, version), "setting the challenger alias")
         decision, rival = decide_and_promote(ctx, client, version, eval_metrics, challenger_score, lambda champion: score_champion(reg, champion, score))
-        client.set_model_version_tag(reg.model_name, version, "gate", ("passed: " if decision.promote or rival.is_champion else "not promoted: ") + decision.reason)
-        current = tracking.alias_version(client, reg.model_name, tracking.CHAMPION)
-        numbers = {
-            "version": int(version),
-            "promoted": decision.promote,
-            "champion_version": int(current.version) if current else None,
-            "challenger_score": challenger_score,
-            "champion_score": rival.champion_score,
-            "beats_base": decision.beats_base,
-            "beats_champion": decision.beats_champion,
-            "merge_max_abs_logit_diff": check.max_abs_logit_diff,
-            "merge_relative_diff": check.relative_diff,
-        }
-        record = {"model_name": reg.model_name, "run_id": run_id, "metric": reg.metric, **numbers, "reason": decision.reason}
-        mlflow.set_tags({"registered_version": version, **({} if rival.is_champion else {"promoted": str(decision.promote)})})
-        write_records(paths, numbers, record)
+        record = record_outcome(ctx, client, run_id, version, decision, rival, challenger_score, check)
     log.info("registered %s v%s (%s); %s", reg.model_name, version, "promoted to champion" if decision.promote else "not promoted", decision.reason)
+    return record
+
+
+def record_outcome(ctx: StageContext, client, run_id: str, version: str, decision: GateDecision, rival: Contest, challenger_score: float, check) -> dict:
+    """The gate's verdict on the version, the run's tags, metrics/register.json and reports/register.json."""
+    reg = ctx.cfg.register
+    client.set_model_version_tag(reg.model_name, version, "gate", ("passed: " if decision.promote or rival.is_champion else "not promoted: ") + decision.reason)
+    current = registry.alias_version(client, reg.model_name, registry.CHAMPION)
+    numbers = {
+        "version": int(version),
+        "promoted": decision.promote,
+        "champion_version": int(current.version) if current else None,
+        "challenger_score": challenger_score,
+        "champion_score": rival.champion_score,
+        "beats_base": decision.beats_base,
+        "beats_champion": decision.beats_champion,
+        "merge_max_abs_logit_diff": check.max_abs_logit_diff,
+        "merge_relative_diff": check.relative_diff,
+    }
+    record = {"model_name": reg.model_name, "run_id": run_id, "metric": reg.metric, **numbers, "reason": decision.reason}
+    mlflow.set_tags({"registered_version": version, **({} if rival.is_champion else {"promoted": str(decision.promote)})})
+    write_records(ctx.paths, numbers, record)
     return record
 
 

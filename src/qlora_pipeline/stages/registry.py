@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
-from qlora_pipeline import tracking
+from qlora_pipeline import registry, tracking
 from qlora_pipeline.errors import RegistryError
 from qlora_pipeline.stages.common import StageContext
 
@@ -109,7 +109,7 @@ def promote_by_hand(ctx: StageContext, version: int | None, alias: str | None, r
     name = name or ctx.cfg.register.model_name
     client, model = _client(ctx, name)
     if alias:
-        target = tracking.alias_version(client, name, alias)
+        target = registry.alias_version(client, name, alias)
         if target is None:
             raise RegistryError(f"{name} has no alias {alias!r}; aliases in use: {', '.join(sorted(model.aliases or {})) or 'none'}")
         version = int(target.version)
@@ -117,9 +117,9 @@ def promote_by_hand(ctx: StageContext, version: int | None, alias: str | None, r
         client.get_model_version(name, str(version))
     except MlflowException:
         raise RegistryError(f"{name} has no version {version}; list them with `qlora versions --name {name}`") from None
-    with tracking.promotion_lock(name):
-        previous = tracking.alias_version(client, name, tracking.CHAMPION)
-        tracking.promote(client, name, str(version), f"manual by {_user()}: {reason}")
+    with registry.promotion_lock(name):
+        previous = registry.alias_version(client, name, registry.CHAMPION)
+        registry.promote(client, name, str(version), f"manual by {_user()}: {reason}")
     log.info("champion of %s: %s -> v%s (manual, %s)", name, f"v{previous.version}" if previous else "none", version, reason)
     return {"model_name": name, "champion_version": int(version), "previous": int(previous.version) if previous else None}
 

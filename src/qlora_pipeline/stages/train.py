@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 
 from qlora_pipeline import tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.data.store import load_prepared
 from qlora_pipeline.core.model import apply_lora, base_model_revision, load_base_model, resolve_compute_dtype
+from qlora_pipeline.core.fast.options import resolve_options
 from qlora_pipeline.core.train import train_adapter
-from qlora_pipeline.plots import loss_figure, read_histogram, save_png, token_length_figure
+from qlora_pipeline.plots import loss_figure, save_png
 from qlora_pipeline.stages.common import StageContext, base_tokenizer, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -46,42 +47,6 @@ def checkpoint_key(ctx: StageContext) -> str:
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-class MlflowMetricsCallback(TrainerCallback):
-    """Logs every Trainer log row (loss, learning rate, grad norm, tokens/s) at its global step.
-
-    After a resume, steps the run already holds (logged before the kill, re-run since the last
-    checkpoint) are not logged twice, so the history has neither gaps nor duplicates.
-    """
-
-    def __init__(self, run_id: str | None = None) -> None:
-        self.logged_up_to = -1
-        if run_id:
-            from mlflow import MlflowClient
-
-            history = MlflowClient().get_metric_history(run_id, "loss")
-            self.logged_up_to = max((m.step for m in history), default=-1)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        import mlflow
-
-        if not state.is_world_process_zero or not logs or state.global_step <= self.logged_up_to:
-            return
-        numbers = {
-            k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        if numbers:
-            mlflow.log_metrics(numbers, step=state.global_step)
-
-
-def log_data_report(paths) -> None:
-    """The prepare stage's stats, validation report and token-length histogram, into the run."""
-    stats = json.loads((paths.prepared / "stats.json").read_text())
-    mlflow.log_metrics({f"data_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    for name in ("stats.json", "report.json", "lengths.csv"):
-        mlflow.log_artifact(str(paths.prepared / name), artifact_path="data")
-    mlflow.log_figure(token_length_figure(read_histogram(paths.prepared / "lengths.csv")), "data/token_lengths.png")
 
 
 FINISHED = "finished.json"  # in a checkpoint folder: its training saved its adapter
@@ -135,12 +100,13 @@ def _name_after_this_attempt(run, tags: dict[str, str]) -> None:
 def run(ctx: StageContext) -> dict:
     cfg, paths = ctx.cfg, ctx.paths
     experiment_id = tracking.setup(paths, cfg.tracking.experiment)  # fail before loading anything big
+    resolve_options(cfg.train)  # a fast-path switch forced on where this machine lacks it fails here too
     resolved, tokenizer = base_tokenizer(ctx)
     train_ds = load_prepared(paths.prepared, "train")
     eval_ds = load_prepared(paths.prepared, "eval") if cfg.train.eval_steps else None
     model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
     set_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter start
-    model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    model = apply_lora(model, cfg.lora)
     collator = make_collator(tokenizer, cfg.data.packing, cfg.data.max_seq_len)
 
     checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
@@ -169,7 +135,7 @@ def run(ctx: StageContext) -> dict:
                     ),
                     context="training",
                 )
-                log_data_report(paths)
+                tracking.log_data_report(paths)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             result = train_adapter(
                 model,
@@ -179,7 +145,7 @@ def run(ctx: StageContext) -> dict:
                 cfg.train,
                 checkpoint_dir,
                 resolve_compute_dtype(cfg.quantization.compute_dtype),
-                callbacks=[MlflowMetricsCallback(resume_run_id)],
+                callbacks=[tracking.metrics_callback(resume_run_id)],
                 eval_dataset=eval_ds,
                 # padded, not packed: the eval loss as the evaluate stage computes it on the same split
                 eval_collator=make_collator(tokenizer, False, cfg.data.max_seq_len),

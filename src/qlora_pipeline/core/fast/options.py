@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qlora_pipeline.core import packed_dropout
+from qlora_pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import TrainConfig
@@ -35,11 +36,15 @@ def liger_available() -> bool:
 
 
 def resolve_switch(value: bool | str, name: str, *, on_gpu: bool, available: bool = True) -> bool:
-    """auto -> on with a CUDA GPU (and the feature available); true where unavailable fails clearly."""
+    """auto -> on with a CUDA GPU (and the feature available).
+
+    Raises:
+        ConfigError: the switch is true where the feature is not available on this machine.
+    """
     if value == "auto":
         return on_gpu and available
     if value and not available:
-        raise RuntimeError(f"train.{name} is true but it is not available here; set it to auto or false")
+        raise ConfigError(f"train.{name} is true but it is not available here; set it to auto or false")
     return bool(value)
 
 

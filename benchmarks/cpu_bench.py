@@ -186,7 +186,7 @@ def _memory_worker(name: str, model: str, cache_dir: str, steps: int, conn) -> N
     def recording_fast_path(*args, **kwargs):
         out = apply_fast_path(*args, **kwargs)
         fix_dropout_masks(name, out[0])
-        reports.append(out[3])
+        reports.append(out[2])
         return out
 
     train_module.apply_fast_path = recording_fast_path
@@ -319,7 +319,8 @@ class Runner:
         self.cfg, tokenizer, model = load_variant(name, model, cache_dir, steps)
         self.threads = self.cfg.train.num_threads or torch.get_num_threads()
         rows = token_rows(len(tokenizer), BATCH * batches)
-        model, train_cfg, collator, self.report = apply_fast_path(model, self.cfg.train, make_collator(tokenizer, False, SEQ_LEN), rows)
+        model, train_cfg, self.report = apply_fast_path(model, self.cfg.train, rows)
+        collator = make_collator(tokenizer, False, SEQ_LEN, padding_free=self.report.padding_free)
         self.fast_path = self.report.describe()
         if fix_dropout_masks(name, model):
             self.fast_path = self.fast_path.replace("LoRA dropout masks from 16-bit draws", "torch's LoRA dropout masks")

@@ -106,14 +106,14 @@ def set_dropout(model, p: float) -> None:
                 drop[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
 
 
-def check_packed_dropout() -> dict:
+def check_bitmask_dropout() -> dict:
     """The bit-mask dropout kernels against torch on the GPU: values, mask statistics, the same mask
     after restoring the generator (a recompute), the LoRA node's gradients (with and without
     checkpointing), and the kernels' time next to torch's dropout + mask + add."""
     import torch
     import torch.utils.checkpoint
 
-    from qlora_pipeline.core import fast, packed_dropout as pd
+    from qlora_pipeline.core import fast, bitmask_dropout as pd
 
     out: dict = {}
     p, dev = 0.05, "cuda"
@@ -248,6 +248,7 @@ def main() -> int:
 
     from qlora_pipeline.config import TrainConfig
     from qlora_pipeline.core import fast
+    from qlora_pipeline.core.data.collate import PackingCollator
     from qlora_pipeline.core.model import apply_lora
 
     p = argparse.ArgumentParser()
@@ -284,13 +285,13 @@ def main() -> int:
 
     report["attention"] = attention_bench(args.shape) if gpu and not args.skip_attention else None
     if gpu:
-        from qlora_pipeline.core import packed_dropout
+        from qlora_pipeline.core import bitmask_dropout
 
         try:
-            report["packed_dropout"] = check_packed_dropout() if packed_dropout.available() else "unavailable"
+            report["bitmask_dropout"] = check_bitmask_dropout() if bitmask_dropout.available() else "unavailable"
         except Exception as exc:  # recorded, and the sweep goes on to show what else fails
-            report["packed_dropout"] = f"error: {type(exc).__name__}: {str(exc)[:1500]}"
-        print(report["packed_dropout"], flush=True)
+            report["bitmask_dropout"] = f"error: {type(exc).__name__}: {str(exc)[:1500]}"
+        print(report["bitmask_dropout"], flush=True)
     save()
 
     shape, seq = args.shape, bench.SEQ_LEN[args.shape]
@@ -298,7 +299,8 @@ def main() -> int:
     model = bench.build_model(shape, dev, torch.bfloat16 if gpu else torch.float32)
     model = apply_lora(model, bench.lora_settings(bench.LORA["dropout"]))
     cfg = TrainConfig(per_device_batch_size=bench.BATCH[shape], gradient_accumulation_steps=1, memory_budget_gib=args.budget_gib)
-    model, cfg2, collator, rep = fast.apply_fast_path(model, cfg, bench.collate_padded, max_seq_len=seq)
+    model, cfg2, rep = fast.apply_fast_path(model, cfg, max_seq_len=seq)
+    collator = PackingCollator(seq, attention_boundaries=True) if rep.padding_free else bench.collate_padded
     report["build_s"] = round(time.perf_counter() - t, 1)
     report["fast_path"] = rep.describe()
     static = fast.static_training_bytes(model) if gpu else 0.0
@@ -347,11 +349,11 @@ def main() -> int:
         dropout = 0.0 if "d" in flags else bench.LORA["dropout"]
         fast.unfuse_lora(model)
         if "u" not in flags:
-            fast.fuse_lora(model, tail_first="n" not in flags, group_siblings="g" not in flags, packed_mask=rep.packed_mask and "b" not in flags)
+            fast.fuse_lora(model, tail_first="n" not in flags, group_siblings="g" not in flags, bit_masks=rep.bit_masks and "b" not in flags)
         set_dropout(model, dropout)
         fast.set_checkpointed_layers(model, k)
-        packed = rep.packed_mask and "b" not in flags and "u" not in flags
-        est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=dropout, packed_mask=packed) / 2**30
+        packed = rep.bit_masks and "b" not in flags and "u" not in flags
+        est = fast.estimate_peak_bytes(dims, b * seq, k, static, liger=rep.liger, lora_dropout=dropout, bit_masks=packed) / 2**30
         row = dict(micro=b, ckpt_layers=k, flags=flags, dropout=dropout, est_gib=round(est, 2))
         try:
             tok_s, peak = run(b, args.steps, short="t" in flags)
@@ -366,14 +368,14 @@ def main() -> int:
         print(row, flush=True)
         save()
     fast.unfuse_lora(model)
-    fast.fuse_lora(model, packed_mask=rep.packed_mask)
+    fast.fuse_lora(model, bit_masks=rep.bit_masks)
     set_dropout(model, bench.LORA["dropout"])
 
     # The plan for the target budget, run as planned, then profiled
     plan = fast.plan_memory(
         dims, seq_len=seq, batch_size=bench.BATCH[shape], accumulation=1, static_bytes=static,
         budget_gib=args.budget_gib, checkpointing="auto", tune_micro_batch=True, liger=rep.liger,
-        lora_dropout=bench.LORA["dropout"], packed_mask=rep.packed_mask,
+        lora_dropout=bench.LORA["dropout"], bit_masks=rep.bit_masks,
     )
     report["plan_at_budget"] = plan.describe()
     fast.set_checkpointed_layers(model, plan.checkpoint_layers)

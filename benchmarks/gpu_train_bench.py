@@ -154,6 +154,7 @@ def setup_recipe(model, spec: dict[str, Any]):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from qlora_pipeline.config import TrainConfig
+    from qlora_pipeline.core.data.collate import PackingCollator
     from qlora_pipeline.core.fast import apply_fast_path, decoder_layers, set_checkpointed_layers
     from qlora_pipeline.core.model import apply_lora
 
@@ -186,7 +187,8 @@ def setup_recipe(model, spec: dict[str, Any]):
         dropout_mask_bits=recipe == "fast_bits",
     )
     model = apply_lora(model, lora_settings(dropout))
-    model, cfg, collator, report = apply_fast_path(model, cfg, collate_padded, max_seq_len=spec["seq_len"])
+    model, cfg, report = apply_fast_path(model, cfg, max_seq_len=spec["seq_len"])
+    collator = PackingCollator(spec["seq_len"], attention_boundaries=True) if report.padding_free else collate_padded
     return model, cfg.per_device_batch_size, cfg.gradient_accumulation_steps, collator, report
 
 

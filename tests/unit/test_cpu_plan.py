@@ -60,7 +60,7 @@ def test_auto_recomputes_nothing_on_a_cpu_with_ram_to_spare(tiny_model, monkeypa
     cfg, _, model = tiny_model
     with_available_ram(monkeypatch, 64.0)
     model = apply_lora(model, cfg.lora)
-    model, _, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), None, max_seq_len=SEQ_LEN)
+    model, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), max_seq_len=SEQ_LEN)
     assert report.plan.checkpoint_layers == 0 and report.plan.fits
     assert recomputed(model) == [False, False]
     assert report.fused_lora_modules == 14 and report.bits16_mask
@@ -74,7 +74,7 @@ def test_auto_recomputes_as_few_layers_as_the_ram_needs(tiny_model, monkeypatch)
     assert none > one
     # half the available RAM is the budget: between the estimates with none and one layer recomputed
     with_available_ram(monkeypatch, none + one)
-    model, _, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), None, max_seq_len=SEQ_LEN)
+    model, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), max_seq_len=SEQ_LEN)
     assert report.plan.checkpoint_layers == 1 and report.plan.fits
     assert report.plan.estimated_peak_gib == pytest.approx(one)
     assert recomputed(model) == [True, False]  # the first layers: their recompute runs last
@@ -84,7 +84,7 @@ def test_auto_recomputes_every_layer_and_warns_when_nothing_fits(tiny_model, mon
     cfg, _, model = tiny_model
     model = apply_lora(model, cfg.lora)
     with_available_ram(monkeypatch, 1e-6)
-    model, _, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), None, max_seq_len=SEQ_LEN)
+    model, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), max_seq_len=SEQ_LEN)
     assert report.plan.checkpoint_layers == 2 and not report.plan.fits
     assert recomputed(model) == [True, True]
     assert "does not fit train.memory_budget_gib" in caplog.text
@@ -96,8 +96,8 @@ def test_an_explicit_setting_is_kept_on_a_cpu(tiny_model, monkeypatch, setting, 
     with_available_ram(monkeypatch, 64.0)
     model = apply_lora(model, cfg.lora)
     assert recomputed(model) == [False, False]  # one place decides recompute: the fast path's plan
-    model, _, _, report = fast.apply_fast_path(
-        model, TrainConfig(gradient_checkpointing=setting, per_device_batch_size=4), None, max_seq_len=SEQ_LEN
+    model, _, report = fast.apply_fast_path(
+        model, TrainConfig(gradient_checkpointing=setting, per_device_batch_size=4), max_seq_len=SEQ_LEN
     )
     assert recomputed(model) == expected
 

@@ -16,7 +16,7 @@ from transformers import LlamaConfig
 
 from qlora_pipeline.config import TrainConfig, validate_params
 from qlora_pipeline.core import fast
-from qlora_pipeline.core.data.collate import make_collator
+from qlora_pipeline.core.data.collate import PackingCollator, make_collator
 from qlora_pipeline.core.model import apply_lora, resolve_compute_dtype
 from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.core.train import train_adapter
@@ -146,17 +146,20 @@ def test_estimate_tracks_the_measured_peaks():
         assert measured <= est <= 1.06 * measured, (micro, layers, dropout, est)
     # with the masks as bits (benchmarks/results/explore_bits4x_8b_h200.json), static 6.0 GiB
     for layers, measured in {29: 12.44, 28: 13.73, 32: 9.86}.items():
-        est = fast.estimate_peak_bytes(dims, 4 * 2048, layers, 6.0 * GIB, liger=True, lora_dropout=0.05, packed_mask=True) / GIB
+        est = fast.estimate_peak_bytes(dims, 4 * 2048, layers, 6.0 * GIB, liger=True, lora_dropout=0.05, bit_masks=True) / GIB
         assert measured <= est <= 1.06 * measured, (layers, est)
 
 
 # --- batches -------------------------------------------------------------------------------------
 
 
-def test_flatten_drops_padding_and_keeps_samples_apart():
-    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
-    mask = (ids != 0).long()
-    out = fast.flatten_batch({"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask})
+def padding_free(features: list[dict]) -> dict:
+    """What the Trainer gets with train.padding_free on: the data collator's padding-free batch."""
+    return PackingCollator(64, attention_boundaries=True)(features)
+
+
+def test_padding_free_batches_have_no_padding_and_keep_samples_apart():
+    out = padding_free([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9, 10, 11, 12]}])
     assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
     assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert out["labels"].tolist() == [[-100, 6, 7, -100, 9, 10, 11, 12]]
@@ -164,16 +167,15 @@ def test_flatten_drops_padding_and_keeps_samples_apart():
     assert "attention_mask" not in out
 
 
-def test_flatten_splits_rows_packed_by_the_data_stage():
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
-    out = fast.flatten_batch({"input_ids": ids, "labels": ids.clone(), "position_ids": torch.tensor([[0, 1, 0, 1, 2, 0]])})
+def test_padding_free_splits_rows_packed_before():
+    out = padding_free([{"input_ids": [1, 2, 3, 4, 5, 6], "position_ids": [0, 1, 0, 1, 2, 0]}])
     assert out["cu_seq_lens_q"].tolist() == [0, 2, 5, 6]
     assert out["labels"].tolist() == [[-100, 2, -100, 4, 5, -100]]
 
 
 def test_full_unpacked_rows_stay_as_they_are():
     ids = torch.arange(12).view(2, 6)
-    out = fast.flatten_batch({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    out = padding_free([{"input_ids": row.tolist()} for row in ids])
     assert torch.equal(out["input_ids"], ids) and "attention_mask" not in out and "cu_seq_lens_q" not in out
 
 
@@ -414,17 +416,19 @@ def test_fast_path_trains_through_the_pipeline(tiny_model, tmp_path, tiny_cfg, m
     through train_adapter's own hook: loss logged and finite, falls, LoRA moves, base does not."""
     cfg, tokenizer, model = tiny_model
     flattened = []
-    monkeypatch.setattr(fast.attention, "flatten_batch", lambda batch, f=fast.flatten_batch: flattened.append(1) or f(batch))
+    collator = make_collator(tokenizer, False, 64, padding_free=True)
+    monkeypatch.setattr(collator, "_flatten", lambda rows, f=collator._flatten, **kw: flattened.append(1) or f(rows, **kw))
     train_cfg = tiny_cfg("train.fused_lora=true", "train.padding_free=true", "train.gradient_checkpointing=1").train
     model = apply_lora(model, cfg.lora)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
     result = train_adapter(
-        model, tokenizer, tiny_dataset(tokenizer), make_collator(tokenizer, False, 64), train_cfg,
+        model, tokenizer, tiny_dataset(tokenizer), collator, train_cfg,
         tmp_path / "ckpt", resolve_compute_dtype(cfg.quantization.compute_dtype),
     )
 
+    assert result.plan["padding_free"] == 1
     losses = [row["loss"] for row in result.history]
     assert len(losses) == train_cfg.max_steps and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
@@ -438,7 +442,7 @@ def test_fast_path_trains_through_the_pipeline(tiny_model, tmp_path, tiny_cfg, m
 def test_compile_auto_leaves_a_cpu_model_eager(tiny_model):
     cfg, _, model = tiny_model
     model = apply_lora(model, cfg.lora)
-    model, _, _, report = fast.apply_fast_path(model, TrainConfig(compile="auto"), None, max_seq_len=16)
+    model, _, report = fast.apply_fast_path(model, TrainConfig(compile="auto"), max_seq_len=16)
     assert report.compiled_layers == 0 and "not compiled" in report.describe()
     assert all(layer._compiled_call_impl is None for layer in fast.decoder_layers(model))
 
@@ -453,7 +457,7 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, monkeypatch):
     model, loss_and_grads = lora_with_visible_update(model, cfg)
     ref_loss, ref_grads = loss_and_grads()
     train_cfg = TrainConfig(compile=True, fused_lora=True, gradient_checkpointing=1)
-    model, _, _, report = fast.apply_fast_path(model, train_cfg, None, max_seq_len=12)
+    model, _, report = fast.apply_fast_path(model, train_cfg, max_seq_len=12)
     layers = fast.decoder_layers(model)
     assert report.compiled_layers == len(layers) == 2 and "2 layers compiled" in report.describe()
     assert all(layer._compiled_call_impl is not None for layer in layers)

@@ -10,6 +10,7 @@ from the stage layer, so nothing here imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -133,9 +134,15 @@ def train_adapter(
 ) -> TrainResult:
     """Train the LoRA adapter, resuming from the last complete checkpoint in checkpoint_dir.
 
+    collator: the Trainer's data collator; for the fast path's padding-free batches build it with
+    make_collator(..., padding_free=resolve_options(cfg).padding_free) (core/data/collate.py).
     With cfg.eval_steps > 0, eval_dataset's loss is computed every eval_steps steps, batched by
-    eval_collator (default: the training collator as given, before the fast path changes it), and
-    the model ends with the weights of the evaluation with the lowest loss.
+    eval_collator (default: the training collator), and the model ends with the weights of the
+    evaluation with the lowest loss.
+
+    Raises:
+        DataError: eval_steps is set and the eval split is empty.
+        TrainingDivergedError: a loss or gradient norm went non-finite (core/callbacks.py).
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -145,8 +152,8 @@ def train_adapter(
         if eval_dataset is None or not len(eval_dataset):
             raise DataError("train.eval_steps is set but the eval split is empty; set train.eval_steps: 0 or prepare an eval split")
         eval_dataset = eval_dataset.remove_columns([c for c in eval_dataset.column_names if c not in MODEL_INPUT_COLUMNS])
-        # Never the fast path's padding-free wrapper: that is a training-speed measure, and an eval
-        # loss should not depend on it (the stage passes padded batches, as the evaluate stage uses).
+        # The stage passes padded batches, as the evaluate stage uses: an eval loss should not
+        # depend on a training-speed measure such as padding-free batches.
         eval_collator = eval_collator or collator
     else:
         eval_dataset = eval_collator = None
@@ -157,9 +164,12 @@ def train_adapter(
         log.info("%s holds the final step %s; training is complete, weights from %s", resume, done.state["global_step"], done.weights_from.name)
         load_adapter_weights(model, done.weights_from)
         return _result(done.state, done.run_loss, resume, loss_rows(done.state.get("log_history", [])), eval_dataset is not None)
-    # Fast path (core/fast/): may change the model, micro-batch x accumulation and collator. On a
-    # CPU it plans recompute against RAM and fuses the LoRA layers; the GPU-only pieces stay off.
-    model, cfg, collator, report = apply_fast_path(model, cfg, collator, train_dataset)
+    # Fast path (core/fast/): may change the model and micro-batch x accumulation. On a CPU it
+    # plans recompute against RAM and fuses the LoRA layers; the GPU-only pieces stay off.
+    model, cfg, report = apply_fast_path(model, cfg, train_dataset)
+    if report.padding_free and not getattr(collator, "attention_boundaries", False):
+        log.warning("train.padding_free is on but the collator pads its batches; build it with make_collator(..., padding_free=True)")
+        report = dataclasses.replace(report, padding_free=False)  # the record says what trained
     # Mixed precision only where the compute dtype asks for it; CPU autocast to bf16 is slower.
     on_gpu = torch.cuda.is_available()
     args = training_arguments(

@@ -100,14 +100,14 @@ def _name_after_this_attempt(run, tags: dict[str, str]) -> None:
 def run(ctx: StageContext) -> dict:
     cfg, paths = ctx.cfg, ctx.paths
     experiment_id = tracking.setup(paths, cfg.tracking.experiment)  # fail before loading anything big
-    resolve_options(cfg.train)  # a fast-path switch forced on where this machine lacks it fails here too
+    options = resolve_options(cfg.train)  # a fast-path switch forced on where this machine lacks it fails here
     resolved, tokenizer = base_tokenizer(ctx)
     train_ds = load_prepared(paths.prepared, "train")
     eval_ds = load_prepared(paths.prepared, "eval") if cfg.train.eval_steps else None
     model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
     set_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter start
     model = apply_lora(model, cfg.lora)
-    collator = make_collator(tokenizer, cfg.data.packing, cfg.data.max_seq_len)
+    collator = make_collator(tokenizer, cfg.data.packing, cfg.data.max_seq_len, padding_free=options.padding_free)
 
     checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
     with one_training_per_checkpoint(checkpoint_dir):  # another run of the same params waits here

@@ -1,8 +1,9 @@
 """The fast GPU training path: fused kernels, a lean LoRA step, padding-free batches, a memory plan.
 
-    model, cfg, collator, report = apply_fast_path(model, cfg, collator, train_dataset)
+    model, cfg, report = apply_fast_path(model, cfg, train_dataset)
 
-core/train.py makes this call before it builds the Trainer. Each piece has a knob in `train:`
+core/train.py makes this call before it builds the Trainer; the padding-free batches come from the
+data collator (core/data/collate.py, `make_collator(..., padding_free=...)`). Each piece has a knob in `train:`
 (params.yaml) whose default `auto` means "on with a CUDA GPU" unless said otherwise below. On the
 8B shape on an H200 (benchmarks/README.md), with the memory budget at 0.6x the original recipe's
 peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
@@ -43,26 +44,24 @@ GPU box.
 
 options: the knobs resolved for this machine; memory: the memory plan and its cost model; nodes:
 the LoRA autograd nodes and their dropout masks; layers: compile, liger and fused LoRA on the model;
-attention: padding-free batches and their attention. This module: apply_fast_path and its report.
+attention: the attention of padding-free batches. This module: apply_fast_path and its report.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from qlora_pipeline.core.fast.attention import (
     FAST_ATTENTION,
     IGNORE_INDEX,
-    PaddingFreeCollator,
     _varlen_call,
     cudnn_attention_works,
     enable_fast_attention,
     fast_attention,
-    flatten_batch,
     pack_sequences,
     varlen_attention_works,
 )
@@ -136,8 +135,8 @@ __all__ = [
     "COMPILE_BACKEND", "SIBLING_GROUPS", "apply_liger", "compile_layers", "fuse_lora", "unfuse_lora",
     "_lora_inputs",
     # attention
-    "FAST_ATTENTION", "IGNORE_INDEX", "PaddingFreeCollator", "cudnn_attention_works", "enable_fast_attention",
-    "fast_attention", "flatten_batch", "pack_sequences", "varlen_attention_works", "_varlen_call",
+    "FAST_ATTENTION", "IGNORE_INDEX", "cudnn_attention_works", "enable_fast_attention",
+    "fast_attention", "pack_sequences", "varlen_attention_works", "_varlen_call",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ class FastPathReport:
     varlen_attention: bool
     padding_free: bool
     compiled_layers: int = 0
-    packed_mask: bool = False
+    bit_masks: bool = False
     bits16_mask: bool = False
 
     def record(self) -> dict[str, int | float]:
@@ -175,7 +174,7 @@ class FastPathReport:
         liger = ("linear+cross-entropy only" if self.compiled_layers else "on") if self.liger else "off"
         parts = [self.plan.describe(), f"liger {liger}"]
         parts.append(f"fused LoRA on {self.fused_lora_modules} layers" if self.fused_lora_modules else "fused LoRA off")
-        if self.packed_mask:
+        if self.bit_masks:
             parts.append("LoRA dropout masks as bits")
         if self.bits16_mask:
             parts.append("LoRA dropout masks from 16-bit draws")
@@ -198,17 +197,20 @@ def longest_example(dataset: Any, column: str = "input_ids") -> int:
 def apply_fast_path(
     model: nn.Module,
     cfg: TrainConfig,
-    collator: Callable | None,
     train_dataset: Any = None,
     *,
     max_seq_len: int | None = None,
     lora_dropout: float | None = None,
-) -> tuple[nn.Module, TrainConfig, Callable | None, FastPathReport]:
-    """Apply the fast path to a peft model; returns it with the train config and collator to use.
+) -> tuple[nn.Module, TrainConfig, FastPathReport]:
+    """Apply the fast path to a peft model; returns it with the train config to use and a report.
 
     The config comes back with per_device_batch_size / gradient_accumulation_steps chosen by the
-    memory plan (same effective batch); the collator wrapped for padding-free batches when on.
+    memory plan (same effective batch). With padding-free batches on (report.padding_free), the
+    Trainer's collator must give them: make_collator(..., padding_free=True).
     Call after the LoRA adapters are attached and before the Trainer is built.
+
+    Raises:
+        ConfigError: a switch of cfg is true where this machine lacks the feature.
     """
     device = next(model.parameters()).device
     options = resolve_options(cfg, device)
@@ -218,10 +220,10 @@ def apply_fast_path(
         lora_dropout = _lora_dropout(model)
     liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
     # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves
-    packed = options.fused_lora and options.dropout_mask_bits and not options.compile
+    bit_masks = options.fused_lora and options.dropout_mask_bits and not options.compile
     bits16 = options.fused_lora and not _cuda(device)
     fused = (
-        fuse_lora(model, group_siblings=not options.compile, packed_mask=packed, bits16_mask=bits16)
+        fuse_lora(model, group_siblings=not options.compile, bit_masks=bit_masks, bits16_mask=bits16)
         if options.fused_lora
         else 0
     )
@@ -241,7 +243,7 @@ def apply_fast_path(
         liger=liger,
         lora_dropout=lora_dropout,
         compiled=options.compile,
-        packed_mask=packed and lora_dropout > 0,
+        bit_masks=bit_masks and lora_dropout > 0,
         element_bytes=float(base.get_input_embeddings().weight.element_size()),
         float32_masks=not _cuda(device),
     )
@@ -259,11 +261,9 @@ def apply_fast_path(
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         }
     )
-    if options.padding_free and collator is not None:
-        collator = PaddingFreeCollator(collator)
-    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, packed, bits16 and fused > 0)
+    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks, bits16 and fused > 0)
     log.info("fast path: %s", report.describe())
-    return model, cfg, collator, report
+    return model, cfg, report
 
 
 def _lora_dropout(model: nn.Module) -> float:

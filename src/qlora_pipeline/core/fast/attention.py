@@ -1,6 +1,6 @@
-"""Padding-free batches (pad tokens dropped, samples packed into one row with per-sample position
-ids) and the attention that keeps their samples apart: variable-length flash attention, and cuDNN
-SDPA for unpacked full rows."""
+"""The attention that keeps the samples of a padding-free batch apart (the batch itself comes from
+core/data/collate.py's PackingCollator, with sample boundaries): variable-length flash attention,
+and cuDNN SDPA for unpacked full rows. pack_sequences groups variable-length samples into rows."""
 
 from __future__ import annotations
 
@@ -40,70 +40,6 @@ def pack_sequences(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return rows
 
 
-def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A padded (and possibly packed) batch -> one row of real tokens with per-sample position ids.
-
-    Samples are the rows' non-pad prefixes (right padding), split further where position_ids
-    restart at 0 (rows packed by the data stage). The first label of each sample is ignored, so no
-    sample learns to predict the next one's start. cu_seq_lens_* and max_length_* let
-    variable-length attention keep each sample to itself; the attention mask is dropped.
-    A batch of full, unpacked rows stays as it is, without its all-ones mask (plain causal attention).
-    """
-    input_ids = batch["input_ids"]
-    labels = batch.get("labels", input_ids)
-    mask = batch.get("attention_mask")
-    positions = batch.get("position_ids")
-    rows, width = input_ids.shape
-    unpadded = mask is None or bool(mask.all())
-    if unpadded and (positions is None or bool((positions == torch.arange(width)).all())):
-        return {k: v for k, v in batch.items() if k != "attention_mask"}
-    lengths = mask.sum(dim=1).tolist() if mask is not None else [width] * rows
-    ids_out, labels_out, pos_out, seq_lens = [], [], [], []
-    for r in range(rows):
-        n = int(lengths[r])
-        if n == 0:
-            continue
-        if positions is not None:
-            starts = (positions[r, :n] == 0).nonzero().flatten().tolist() or [0]
-            if starts[0] != 0:
-                starts = [0, *starts]
-        else:
-            starts = [0]
-        for s, e in zip(starts, [*starts[1:], n]):
-            seq_lens.append(e - s)
-        ids_out.append(input_ids[r, :n])
-        row_labels = labels[r, :n].clone()
-        row_labels[starts] = IGNORE_INDEX
-        labels_out.append(row_labels)
-        pos_out.append(torch.cat([torch.arange(e - s) for s, e in zip(starts, [*starts[1:], n])]))
-    cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
-    longest = max(seq_lens)
-    out: dict[str, Any] = {
-        k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "position_ids")
-    }
-    out.update(
-        input_ids=torch.cat(ids_out)[None],
-        labels=torch.cat(labels_out)[None],
-        position_ids=torch.cat(pos_out)[None],
-        cu_seq_lens_q=cu,
-        cu_seq_lens_k=cu,
-        max_length_q=longest,
-        max_length_k=longest,
-    )
-    return out
-
-
-class PaddingFreeCollator:
-    """Wraps a collator: its padded batches come out as one row of real tokens (see flatten_batch)."""
-
-    def __init__(self, collator: Callable[[list[Any]], dict[str, torch.Tensor]]) -> None:
-        self.collator = collator
-
-    def __call__(self, features: list[Any]) -> dict[str, Any]:
-        return flatten_batch(self.collator(features))
-
-
 @functools.cache
 def _varlen_call() -> tuple[Callable, dict[str, Any]] | None:
     """torch's variable-length flash attention and the keywords this torch version wants for causal GQA."""
@@ -134,7 +70,7 @@ def fast_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """A transformers attention function. Packed batches (cu_seq_lens from flatten_batch): variable-
+    """A transformers attention function. Packed batches (cu_seq_lens from PackingCollator): variable-
     length flash attention. Unmasked batches: SDPA with cuDNN first (1.8x flash's speed on an H200,
     forward+backward, GQA). Anything else: SDPA as usual. query/key/value: (batch, heads, seq, dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

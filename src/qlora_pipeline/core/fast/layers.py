@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_pipeline.core import packed_dropout
+from qlora_pipeline.core import bitmask_dropout
 from qlora_pipeline.core.fast.memory import decoder_layers, unwrap
 from qlora_pipeline.core.fast.nodes import FrozenLinearAddFunction, LoraLinearFunction, LoraMember
 
@@ -76,7 +76,7 @@ def _single_plain_adapter(module: nn.Module, args: tuple, kwargs: dict) -> str |
     return name
 
 
-def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *, base: bool = True) -> tuple | None:
+def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *, runs_base_matmul: bool = True) -> tuple | None:
     """(LoraMember, weight_a, weight_b) for LoraLinearFunction, or None where peft's own forward must
     run: anything but one plain adapter, a base other than a frozen bitsandbytes 4-bit or plain
     linear, or mixed dtypes outside autocast.
@@ -100,9 +100,9 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
         return None
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    packed = p > 0 and getattr(self, "_lora_packed_dropout", False) and packed_dropout.supports(x)
-    bits16 = p > 0 and not packed and getattr(self, "_lora_bits16_dropout", False) and x.device.type == "cpu"
-    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, base, packed, bits16)
+    bit_mask = p > 0 and getattr(self, "_lora_bitmask_dropout", False) and bitmask_dropout.supports(x)
+    bits16 = p > 0 and not bit_mask and getattr(self, "_lora_bits16_dropout", False) and x.device.type == "cpu"
+    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, runs_base_matmul, bit_mask, bits16)
     return member, weight_a, weight_b
 
 
@@ -124,7 +124,7 @@ def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     saves nothing), so with the adapter's branch first the recompute stops before that matmul: on
     Llama that skips down_proj, a quarter of each recomputed layer's matmul FLOPs.
     """
-    inputs = _lora_inputs(self, x, args, kwargs, base=False)
+    inputs = _lora_inputs(self, x, args, kwargs, runs_base_matmul=False)
     if inputs is None:
         return type(self).forward(self, x, *args, **kwargs)
     member, weight_a, weight_b = inputs
@@ -199,12 +199,12 @@ def _sibling_groups(layer: nn.Module, exclude: set[int]) -> list[list[nn.Module]
 
 
 def fuse_lora(
-    model: nn.Module, *, tail_first: bool = True, group_siblings: bool = True, packed_mask: bool = False, bits16_mask: bool = False
+    model: nn.Module, *, tail_first: bool = True, group_siblings: bool = True, bit_masks: bool = False, bits16_mask: bool = False
 ) -> int:
     """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction): the last one of
     each decoder layer the adapter-first forward (tail_first), siblings on one input one node
     together (group_siblings, SIBLING_GROUPS), dropout masks kept as bits on a CUDA GPU
-    (packed_mask, core/packed_dropout.py), dropout masks drawn 16 bits per element on the CPU
+    (bit_masks, core/bitmask_dropout.py), dropout masks drawn 16 bits per element on the CPU
     (bits16_mask, bits16_dropout). Returns how many layers were changed."""
     tails: set[int] = set()
     if tail_first:
@@ -223,8 +223,8 @@ def fuse_lora(
         else:
             forward = _lora_tail_forward if id(module) in tails else _lora_fused_forward
         module.forward = MethodType(forward, module)
-        if packed_mask:
-            module._lora_packed_dropout = True
+        if bit_masks:
+            module._lora_bitmask_dropout = True
         if bits16_mask:
             module._lora_bits16_dropout = True
     return len(modules)
@@ -236,7 +236,7 @@ def unfuse_lora(model: nn.Module) -> None:
         if "forward" in vars(module) and getattr(module.forward, "__func__", None) in _FUSED_FORWARDS:
             del module.forward
         vars(module).pop("_lora_group", None)
-        vars(module).pop("_lora_packed_dropout", None)
+        vars(module).pop("_lora_bitmask_dropout", None)
         vars(module).pop("_lora_bits16_dropout", None)
 
 

@@ -69,7 +69,7 @@ def layer_activation_bytes(
     *,
     liger: bool,
     lora_dropout: float,
-    packed_mask: bool = False,
+    bit_masks: bool = False,
     element_bytes: float = 2.0,
     float32_masks: bool = False,
 ) -> float:
@@ -93,7 +93,7 @@ def layer_activation_bytes(
     elif lora_dropout > 0:
         # each adapter keeps its own dropped-out input; 8B: 69 KB measured = 1.75 bytes per element,
         # of which the mask is a byte: 7/8 of it go when the mask is kept as bits
-        total += (1.75 - (0.875 if packed_mask else 0.0)) * dropped
+        total += (1.75 - (0.875 if bit_masks else 0.0)) * dropped
     return total
 
 
@@ -123,7 +123,7 @@ def estimate_peak_bytes(
     *,
     liger: bool,
     lora_dropout: float,
-    packed_mask: bool = False,
+    bit_masks: bool = False,
     element_bytes: float = 2.0,
     float32_masks: bool = False,
 ) -> float:
@@ -136,7 +136,7 @@ def estimate_peak_bytes(
     element_bytes, float32_masks: as for layer_activation_bytes.
     """
     per_layer = layer_activation_bytes(
-        dims, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask, element_bytes=element_bytes,
+        dims, liger=liger, lora_dropout=lora_dropout, bit_masks=bit_masks, element_bytes=element_bytes,
         float32_masks=float32_masks,
     )
     checkpoint_layers = min(checkpoint_layers, dims.num_layers)
@@ -196,7 +196,7 @@ def plan_memory(
     liger: bool,
     lora_dropout: float,
     compiled: bool = False,
-    packed_mask: bool = False,
+    bit_masks: bool = False,
     element_bytes: float = 2.0,
     float32_masks: bool = False,
 ) -> MemoryPlan:
@@ -213,7 +213,7 @@ def plan_memory(
 
     def peak(b: int, k: int) -> float:
         return estimate_peak_bytes(
-            dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, packed_mask=packed_mask,
+            dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, bit_masks=bit_masks,
             element_bytes=element_bytes, float32_masks=float32_masks,
         )
 

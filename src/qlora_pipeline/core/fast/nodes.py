@@ -8,23 +8,23 @@ from typing import Any
 
 import torch
 
-from qlora_pipeline.core import packed_dropout
+from qlora_pipeline.core import bitmask_dropout
 
 
 @dataclass(frozen=True, eq=False)
 class LoraMember:
     """One LoRA linear layer's constants for LoraLinearFunction: its frozen base (weight, bias,
     bitsandbytes quant state, or None for a plain weight), the adapter's scale and dropout, and
-    whether the node runs the base matmul too (base=False: the adapter's branch alone), and whether
-    its dropout keeps the mask as bits (core/packed_dropout.py, CUDA) or as torch's bytes."""
+    whether the node runs the base matmul too (runs_base_matmul=False: the adapter's branch alone), and whether
+    its dropout keeps the mask as bits (core/bitmask_dropout.py, CUDA) or as torch's bytes."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     quant_state: Any
     scale: float
     p: float
-    base: bool = True
-    packed: bool = False
+    runs_base_matmul: bool = True
+    bit_mask: bool = False
     bits16: bool = False  # CPU: the mask from 16 random bits per element (bits16_dropout)
 
 
@@ -48,8 +48,8 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         outputs, saved = [], []
         for member, weight_a, weight_b in zip(members, weights[0::2], weights[1::2]):
-            if member.p > 0 and member.packed:
-                dropped, mask = packed_dropout.dropout_forward(x2, member.p)
+            if member.p > 0 and member.bit_mask:
+                dropped, mask = bitmask_dropout.dropout_forward(x2, member.p)
             elif member.p > 0 and member.bits16:
                 dropped, mask = bits16_dropout(x2, member.p)
             elif member.p > 0:
@@ -58,7 +58,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 dropped, mask = x2, None
             a, b = weight_a.to(dtype), weight_b.to(dtype)
             hidden = torch.mm(dropped, a.t())
-            if member.base:
+            if member.runs_base_matmul:
                 out = _frozen_matmul(x2, member.weight, member.bias, member.quant_state, dtype)
                 out.addmm_(hidden, b.t(), alpha=member.scale)
                 out = out.view(*shape[:-1], out.shape[-1])  # the compute dtype, as autocast's matmuls return
@@ -89,15 +89,15 @@ class LoraLinearFunction(torch.autograd.Function):
                 continue
             if mask is None:
                 grad_x = torch.mm(grad_hidden, a) if grad_x is None else grad_x.addmm_(grad_hidden, a)
-            elif member.packed:  # mask applied and added into grad_x in one kernel
-                grad_x = packed_dropout.dropout_backward(torch.mm(grad_hidden, a), mask, member.p, out=grad_x)
+            elif member.bit_mask:  # mask applied and added into grad_x in one kernel
+                grad_x = bitmask_dropout.dropout_backward(torch.mm(grad_hidden, a), mask, member.p, out=grad_x)
             elif member.bits16:  # the mask holds keep / (1 - p)
                 part = torch.mm(grad_hidden, a)
                 grad_x = part.mul_(mask) if grad_x is None else grad_x.addcmul_(part, mask)
             else:
                 part = torch.ops.aten.native_dropout_backward(torch.mm(grad_hidden, a), mask, 1.0 / (1.0 - member.p))
                 grad_x = part if grad_x is None else grad_x.add_(part)  # addcmul_ with a bool mask is 3x slower
-            if member.base:
+            if member.runs_base_matmul:
                 grad_x.addmm_(g, _frozen_weight(member.weight, member.quant_state, ctx.dtype))
         if grad_x is not None:
             grad_x = grad_x.view(ctx.shape)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qlora_pipeline.core import packed_dropout
+from qlora_pipeline.core import bitmask_dropout
 from qlora_pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         tune_micro_batch=bool(cfg.tune_micro_batch) and on_gpu,
         memory_budget_gib=budget,
         compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
-        dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=packed_dropout.available()),
+        dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=bitmask_dropout.available()),
     )
 
 

@@ -191,7 +191,10 @@ def _stage(module: str, function: str = "run") -> Callable:
 
 
 def _run(stage: Callable, params: Path, overrides: list[str] | None, *args, verbose: bool = False) -> None:
+    from qlora_pipeline import distributed
+
     _setup_logging(verbose)
+    distributed.setup_rank()  # a torchrun rank: its GPU, and quiet logs unless rank 0
     _raise_on_sigterm()
     _end_with_orchestrator()
     try:
@@ -200,12 +203,15 @@ def _run(stage: Callable, params: Path, overrides: list[str] | None, *args, verb
         ctx = context(params, overrides)
         stage(ctx, *args)
     except QloraError as exc:
+        distributed.record_failure(exc)
         err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        distributed.record_failure(exc)
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - only a full disk is handled here; the rest re-raises
+        distributed.record_failure(exc)
         if not _disk_full(exc):
             raise
         where = getattr(exc, "filename", None) or ("the MLflow store (SQLite)" if "sqlite" in str(exc).lower() else "an output")

@@ -170,6 +170,13 @@ class TrainConfig(_Section):
     seed: int = 42
     num_threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default."""
+    num_gpus: int | Literal["auto"] = "auto"
+    """Ranks to train on (torchrun, data-parallel): auto, every visible GPU; or N. The global batch
+    stays per_device_batch_size x gradient_accumulation_steps (each rank accumulates 1/N of the
+    steps). On a machine without a GPU, N > 1 runs N CPU ranks (gloo)."""
+    distributed: Literal["ddp", "auto"] = "auto"
+    """How several ranks share the work: ddp (each rank holds the whole 4-bit model and trains on
+    its share of every batch). auto: ddp."""
     # The fast GPU path (core/fast/). auto: on with a CUDA GPU, off on a CPU.
     use_liger: bool | Literal["auto"] = "auto"
     """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel (the `gpu` extra)."""
@@ -195,6 +202,13 @@ class TrainConfig(_Section):
     def _layer_count(cls, v: bool | int | str) -> bool | int | str:
         if not isinstance(v, bool) and isinstance(v, int) and v < 0:
             raise ValueError("must be true, false, auto or a number of layers >= 0")
+        return v
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _rank_count(cls, v: int | str) -> int | str:
+        if isinstance(v, bool) or (isinstance(v, int) and v < 1):
+            raise ValueError("must be auto or a number of GPUs >= 1")
         return v
 
     @field_validator("memory_budget_gib")

@@ -35,6 +35,10 @@ class TransientError(RegistryError):
     exit_code = 75  # sysexits.h EX_TEMPFAIL: orchestrators retry on it
 
 
+class DistributedError(QloraError):
+    """A rank of a training on several ranks (torchrun) failed; the message names the rank."""
+
+
 class TrainingDivergedError(QloraError):
     """Training produced a non-finite loss, gradient or LoRA weight; nothing was saved."""
 

@@ -29,19 +29,40 @@ class StepLoss:
 
     The Trainer's own running loss replaces a NaN micro-batch loss by the average so far
     (logging_nan_inf_filter), so a diverged run logs plausible numbers; this one does not.
+    On several ranks the value is the mean of the ranks' sums (one all-reduce per step, made by
+    every rank at the same callback): each rank's loss is already scaled by the Trainer to its
+    share of the global batch's tokens times the number of ranks, so the mean is the step's loss.
     """
 
     def __init__(self) -> None:
         self._sum: torch.Tensor | float = 0.0
+        self._reduced: float | None = None
 
     def reset(self) -> None:
         self._sum = 0.0
+        self._reduced = None
 
     def add(self, loss: torch.Tensor) -> None:
         self._sum = self._sum + loss.detach().float()
+        self._reduced = None
 
     def value(self) -> float:
-        return float(self._sum)
+        if self._reduced is None:
+            self._reduced = _mean_over_ranks(self._sum)
+        return self._reduced
+
+
+def _mean_over_ranks(value: torch.Tensor | float) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.as_tensor(value, dtype=torch.float32, device=device).clone()
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
 
 
 class RunLoss(TrainerCallback, ExportableState):

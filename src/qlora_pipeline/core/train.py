@@ -99,6 +99,9 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_bf16: bool, u
         disable_tqdm=False,
         # Which layers recompute is set on the model (core/fast/memory.py's memory plan), not a second time here.
         gradient_checkpointing=False,
+        # Several ranks (torchrun): every LoRA parameter takes part in every step, so DDP need not
+        # search the graph for unused ones each step.
+        ddp_find_unused_parameters=False,
     )
 
 

@@ -22,13 +22,22 @@ from qlora_pipeline.paths import ProjectPaths
 class StageContext:
     cfg: PipelineConfig
     paths: ProjectPaths
+    params_file: Path | None = None
+    overrides: tuple[str, ...] = ()
+
+    def cli_args(self, stage: str) -> list[str]:
+        """The `qlora` arguments that run `stage` on these params again (as torchrun's ranks do)."""
+        args = [stage, "--params", str(self.params_file or self.paths.root / "params.yaml")]
+        for override in self.overrides:
+            args += ["--set", override]
+        return args
 
 
 def context(params: str | Path = "params.yaml", overrides: list[str] | None = None) -> StageContext:
     """Load and validate params before anything else happens."""
     params = Path(params)
     cfg = load_config(params, overrides)
-    return StageContext(cfg, ProjectPaths.at(params.resolve().parent))
+    return StageContext(cfg, ProjectPaths.at(params.resolve().parent), params.resolve(), tuple(overrides or ()))
 
 
 def base_tokenizer(ctx: StageContext) -> tuple[ResolvedModel, Any]:

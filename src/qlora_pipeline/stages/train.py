@@ -9,6 +9,7 @@ and logs into the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Iterator
 import mlflow
 from transformers import set_seed
 
-from qlora_pipeline import tracking
+from qlora_pipeline import distributed, tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.data.store import load_prepared
@@ -98,19 +99,39 @@ def _name_after_this_attempt(run, tags: dict[str, str]) -> None:
 
 
 def run(ctx: StageContext) -> dict:
+    """Train the adapter; on several ranks (train.num_gpus), relaunch under torchrun and wait.
+
+    Raises:
+        ConfigError: a fast-path switch this machine lacks, more GPUs than visible, accumulation
+            steps that do not divide among the ranks.
+        DistributedError: a rank of a training on several ranks failed.
+    """
     cfg, paths = ctx.cfg, ctx.paths
-    experiment_id = tracking.setup(paths, cfg.tracking.experiment)  # fail before loading anything big
+    ranks = distributed.world_size(cfg.train)  # fail before loading anything big
+    main = distributed.is_main()
+    experiment_id = tracking.setup(paths, cfg.tracking.experiment) if main else None
     options = resolve_options(cfg.train)  # a fast-path switch forced on where this machine lacks it fails here
-    resolved, tokenizer = base_tokenizer(ctx)
+    resolved, tokenizer = base_tokenizer(ctx)  # also fills the model cache before the ranks read it
+    checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
+    if ranks > 1 and not distributed.launched():
+        with one_training_per_checkpoint(checkpoint_dir):  # held for the ranks, which do not take it
+            distributed.launch(ctx.cli_args("train"), ranks, paths.root)
+        return json.loads(paths.train_metrics.read_text())
     train_ds = load_prepared(paths.prepared, "train")
     eval_ds = load_prepared(paths.prepared, "eval") if cfg.train.eval_steps else None
     model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
-    set_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter start
+    set_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter start (every rank)
     model = apply_lora(model, cfg.lora)
     collator = make_collator(tokenizer, cfg.data.packing, cfg.data.max_seq_len, padding_free=options.padding_free)
+    # padded, not packed: the eval loss as the evaluate stage computes it on the same split
+    eval_collator = make_collator(tokenizer, False, cfg.data.max_seq_len)
+    train_cfg = distributed.per_rank(cfg.train, ranks)
+    compute_dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    if not main:  # rank > 0: trains its share; rank 0 keeps the records and writes the outputs
+        train_adapter(model, tokenizer, train_ds, collator, train_cfg, checkpoint_dir, compute_dtype, eval_dataset=eval_ds, eval_collator=eval_collator)
+        return {}
 
-    checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
-    with one_training_per_checkpoint(checkpoint_dir):  # another run of the same params waits here
+    with contextlib.nullcontext() if distributed.launched() else one_training_per_checkpoint(checkpoint_dir):
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         resume_run_id = _previous_run_id(checkpoint_dir)
         tags = tracking.lineage_tags(paths, cfg, base_model_revision(model, resolved))
@@ -142,13 +163,12 @@ def run(ctx: StageContext) -> dict:
                 tokenizer,
                 train_ds,
                 collator,
-                cfg.train,
+                train_cfg,
                 checkpoint_dir,
-                resolve_compute_dtype(cfg.quantization.compute_dtype),
+                compute_dtype,
                 callbacks=[tracking.metrics_callback(resume_run_id)],
                 eval_dataset=eval_ds,
-                # padded, not packed: the eval loss as the evaluate stage computes it on the same split
-                eval_collator=make_collator(tokenizer, False, cfg.data.max_seq_len),
+                eval_collator=eval_collator,
             )
             summary = {
                 "train_loss": result.train_loss,
@@ -161,6 +181,7 @@ def run(ctx: StageContext) -> dict:
             if result.best_step is not None:  # train.eval_steps > 0: the adapter saved is this step's
                 summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
             if result.plan:  # what trained, where the fast path changed params (core/fast/)
+                result.plan["ranks"] = ranks  # global batch: micro_batch_size x gradient_accumulation_steps x ranks
                 mlflow.set_tags({f"plan.{k}": str(v) for k, v in result.plan.items()})
                 summary.update({f"plan_{k}": v for k, v in result.plan.items() if isinstance(v, (int, float))})
             tracking.log_metrics_once({k: float(v) for k, v in summary.items() if v is not None})

@@ -12,8 +12,8 @@ A flow run
    (workspace.py), so runs triggered together never share a params.yaml, dvc.lock or output, and
    brings back the outputs of stages an earlier run already ran with the same inputs (reuse.py);
 3. runs each stage as a task through DVC, which decides what is stale and records lineage in
-   dvc.lock; the GPU stages hold a global concurrency slot (slots.py), so one GPU never trains
-   twice at once (a lease the run keeps renewing: the slot of a run that died comes back when it
+   dvc.lock; the GPU stages hold slots of a global concurrency limit with one slot per GPU
+   (slots.py; a training on N GPUs holds N), so one GPU never trains twice at once (a lease the run keeps renewing: the slot of a run that died comes back when it
    lapses);
    the MLflow run gets the DVC experiment's name (`<flow run name>-<id8>`) and the flow run's tags,
    and the flow run is tagged with the MLflow run's id;
@@ -47,7 +47,7 @@ from flows import workspace
 from flows.dvc_stage import StageFailed, StageResult, run_stage, stage_env
 from flows.redact import redact
 from flows.reuse import reuse_earlier_outputs
-from flows.slots import DEFAULT_SLOT_TIMEOUT_S, ensure_limit, gpu_limit_name, gpu_slot
+from flows.slots import DEFAULT_SLOT_TIMEOUT_S, ensure_limit, gpu_limit_name, gpu_slot, host_gpus, slots_for
 from flows.summary import RunRecord, render
 from flows.workspace import Workspace
 from qlora_pipeline.config import PipelineConfig
@@ -268,6 +268,7 @@ def qlora_pipeline(
     keep_workspace: bool = False,
     default_overrides: dict[str, Any] | None = None,
     slot_timeout_s: float = DEFAULT_SLOT_TIMEOUT_S,
+    num_gpus: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune, evaluate and register a QLoRA adapter: the DVC pipeline, run by Prefect.
 
@@ -283,12 +284,16 @@ def qlora_pipeline(
             `overrides` replace them per key, not as a whole.
         slot_timeout_s: how long a GPU stage waits for a slot of the GPU concurrency limit before the
             run fails (default 72 h).
+        num_gpus: GPUs to train on (train.num_gpus; None keeps params'): the train stage holds that
+            many slots of the host's GPU limit (one per GPU) and runs that many torchrun ranks.
     """
     logger = get_run_logger()
     project = workspace.project_root()
     if flow_run.id:
         prune_workspaces(project, flow_run.id)
     overrides = param_overrides.merge(default_overrides, overrides)
+    if num_gpus is not None:
+        overrides = {**overrides, "train.num_gpus": num_gpus}
     if default_overrides:
         logger.info("overrides: %s (the deployment's defaults, with this run's on top)", redact(json.dumps(overrides)))
     timeouts = _timeouts(timeouts_s)
@@ -297,6 +302,8 @@ def qlora_pipeline(
         logger.warning("running commit %s; uncommitted changes are not used: %s", commit[:10], ", ".join(dirty))
 
     cfg = validate_params(project, commit, overrides)
+    host = host_gpus()  # GPU slots per stage, checked before anything runs
+    slots = {stage: slots_for(stage, cfg.train.num_gpus, host) for stage in GPU_STAGES}
     run_id, run_name = flow_run.id or "local", flow_run.name or "local"
     experiment = f"{run_name}-{run_id[:8]}"
     uri, _ = connect_tracking(project, cfg.tracking.experiment)
@@ -313,12 +320,12 @@ def qlora_pipeline(
             RUN_NAME_ENV: experiment,  # the MLflow run is named as the DVC experiment: <flow run name>-<id8>
         }
         limit = gpu_limit_name()
-        ensure_limit(limit)
+        ensure_limit(limit, slots=max(1, host))
         try:
             for stage in STAGES:
                 stage_task = STAGE_TASKS[stage].with_options(timeout_seconds=timeouts[stage])
                 if stage in GPU_STAGES:
-                    with gpu_slot(limit, stage, slot_timeout_s):
+                    with gpu_slot(limit, stage, slot_timeout_s, occupy=slots[stage]):
                         record.stages.append(stage_task(ws, extra_env, force))
                 else:
                     record.stages.append(stage_task(ws, extra_env, force))

@@ -1,4 +1,5 @@
-"""The GPU slot: a Prefect global concurrency limit, one slot per GPU host, that the GPU stages hold."""
+"""The GPU slots: a Prefect global concurrency limit per GPU host, one slot per GPU, that the GPU
+stages hold: a training on N ranks (train.num_gpus) holds N slots, evaluate and register one."""
 
 from __future__ import annotations
 
@@ -34,8 +35,37 @@ def gpu_limit_name() -> str:
     return os.environ.get(GPU_LIMIT_ENV) or f"gpu-{socket.gethostname()}"
 
 
+def host_gpus() -> int:
+    """The GPUs this worker sees (CUDA_VISIBLE_DEVICES applies); 0 on a host without one."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def slots_for(stage: str, num_gpus: int | str, host: int) -> int:
+    """Slots of the host's GPU limit a stage holds: train.num_gpus for train (auto: every GPU the
+    worker sees), one for the other GPU stages, and one on a host without a GPU (host 0: its
+    ranks are CPU processes; the limit then has one slot).
+
+    Raises:
+        ValueError: the training wants more GPUs than the host's limit has slots; it would wait forever.
+    """
+    if stage != "train" or host == 0:
+        return 1
+    wanted = host if num_gpus == "auto" else int(num_gpus)
+    if wanted > host:
+        raise ValueError(
+            f"train.num_gpus is {wanted} but this worker sees {host} GPU(s); run it on a worker with {wanted} GPUs "
+            "(CUDA_VISIBLE_DEVICES), or set train.num_gpus to auto or at most the GPUs a worker has"
+        )
+    return wanted
+
+
 def ensure_limit(name: str, slots: int = 1) -> None:
-    """Create the global concurrency limit if it does not exist (an existing one keeps its slots)."""
+    """Create the global concurrency limit if it does not exist (an existing one keeps its slots);
+    slots: one per GPU of the host (host_gpus)."""
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -52,18 +82,18 @@ def gpu_lease_s() -> float:
 
 
 @contextmanager
-def gpu_slot(name: str, stage: str, timeout_s: float = DEFAULT_SLOT_TIMEOUT_S, logger=None) -> Iterator[None]:
-    """Hold one slot of the GPU limit for a stage; waiting here does not count against its timeout,
-    and ends with SlotTimeout after timeout_s."""
+def gpu_slot(name: str, stage: str, timeout_s: float = DEFAULT_SLOT_TIMEOUT_S, logger=None, occupy: int = 1) -> Iterator[None]:
+    """Hold `occupy` slots (GPUs) of the GPU limit for a stage; waiting here does not count against
+    its timeout, and ends with SlotTimeout after timeout_s."""
     logger = logger or get_run_logger()
     lease_s = gpu_lease_s()
-    logger.info("%s: waiting for a slot of concurrency limit %r (at most %.0fs)", stage, name, timeout_s)
+    logger.info("%s: waiting for %d slot(s) of concurrency limit %r (at most %.0fs)", stage, occupy, name, timeout_s)
     waited = time.monotonic()
     acquired = False
     try:
         # A renewal that fails (the server restarting) must not stop a training: the lease then
         # lapses at worst, and the server takes the slot back.
-        with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True,
+        with concurrency(name, occupy=occupy, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True,
                          raise_on_lease_renewal_failure=False):
             acquired = True
             logger.info("%s: got the slot after %.0fs", stage, time.monotonic() - waited)

@@ -38,6 +38,7 @@ LONGEST_FIRST = (
     "integration/test_prefect_faults.py",
     "integration/test_registry.py",
     "integration/test_real_model.py",
+    "integration/test_ranks.py",
     # these share the session's `pipeline` project and change it: they keep their file order
     "integration/test_dvc_views.py",
     "integration/test_pipeline_dvc.py",

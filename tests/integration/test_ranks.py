@@ -1,6 +1,6 @@
-"""Several ranks (torchrun, data-parallel) on the CPU with gloo, through `dvc repro`: the same
-result as one rank, records kept by rank 0 alone, and a killed rank resumed from the last complete
-checkpoint with the whole adapter."""
+"""Several ranks (torchrun, data-parallel) on the CPU with gloo, through `dvc repro`: a killed rank
+ends the job with its name, the rerun resumes from the last complete checkpoint with the whole
+adapter, rank 0 alone keeps the records, and the result is that of one rank."""
 
 from __future__ import annotations
 
@@ -48,54 +48,6 @@ def adapter(project) -> dict[str, torch.Tensor]:
     return load_file(project / "models/adapter/adapter_model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, mlflow_server):
-    """An uninterrupted training on 2 CPU ranks, through dvc repro."""
-    project = make_project(tmp_path_factory.mktemp("ranks"), {**PARAMS, "tracking.experiment": "two-ranks", "register.model_name": "qlora-ranks"})
-    env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
-    out = run(["dvc", "repro", "train"], project, env)
-    return {
-        "project": project,
-        "env": env,
-        "log": out.stdout + out.stderr,
-        "run_id": json.loads((project / "models/adapter/run.json").read_text())["run_id"],
-        "losses": losses(project),
-        "adapter": adapter(project),
-        "metrics": json.loads((project / "metrics/train.json").read_text()),
-    }
-
-
-def test_two_ranks_train_as_one(two_ranks):
-    project, env = two_ranks["project"], two_ranks["env"]
-    run(["qlora", "train", "-S", "train.num_gpus=1"], project, env)
-    one, two = losses(project), two_ranks["losses"]
-    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
-    assert all(abs(one[s] - two[s]) <= TOLERANCE * abs(one[s]) for s in one), (one, two)
-    single = adapter(project)
-    assert single.keys() == two_ranks["adapter"].keys()
-    assert max(float((single[k] - two_ranks["adapter"][k]).abs().max()) for k in single) <= TOLERANCE
-    # the same global batch: 2 x 2 on one rank, 2 x 1 on each of two
-    metrics = json.loads((project / "metrics/train.json").read_text())
-    assert (metrics["plan_ranks"], metrics["plan_gradient_accumulation_steps"]) == (1, 2)
-    assert (two_ranks["metrics"]["plan_ranks"], two_ranks["metrics"]["plan_gradient_accumulation_steps"]) == (2, 1)
-
-
-def test_only_rank_zero_keeps_records(two_ranks, mlflow_server):
-    from mlflow import MlflowClient
-
-    log = two_ranks["log"]
-    assert "training on 2 ranks (CPU processes, gloo)" in log
-    assert log.count(f"training step {STEPS}/{STEPS}") == 1  # progress from rank 0 alone
-    client = MlflowClient(tracking_uri=mlflow_server)
-    experiment = client.get_experiment_by_name("two-ranks")
-    runs = client.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs if r.data.params.get("train.num_gpus") == "2"] == [two_ranks["run_id"]]
-    record = client.get_run(two_ranks["run_id"])
-    assert record.info.status == "FINISHED"
-    assert record.data.tags["plan.ranks"] == "2"
-    assert [m.step for m in client.get_metric_history(two_ranks["run_id"], "loss")] == list(range(1, STEPS + 1))
-
-
 def rank_processes(root: psutil.Process) -> dict[int, psutil.Process]:
     """The ranks torchrun started under root, by rank."""
     ranks = {}
@@ -109,10 +61,11 @@ def rank_processes(root: psutil.Process) -> dict[int, psutil.Process]:
     return ranks
 
 
-def test_a_killed_rank_resumes_from_the_last_complete_checkpoint(tmp_path, mlflow_server, two_ranks):
-    from mlflow import MlflowClient
-
-    project = make_project(tmp_path, {**PARAMS, "tracking.experiment": "killed-rank", "register.model_name": "qlora-killed-rank"})
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, mlflow_server):
+    """A training on 2 CPU ranks through dvc repro, rank 1 killed hard after two checkpoints, then
+    `dvc repro` again, which resumes it."""
+    project = make_project(tmp_path_factory.mktemp("ranks"), {**PARAMS, "tracking.experiment": "two-ranks", "register.model_name": "qlora-ranks"})
     env = project_env(project, MLFLOW_TRACKING_URI=mlflow_server)
     proc = start(["dvc", "repro", "train"], project, env)
     wait_for(lambda: len(checkpoints(project)) >= 2 and (checkpoints(project)[-1] / "trainer_state.json").exists(), 300, "two checkpoints", proc)
@@ -122,19 +75,62 @@ def test_a_killed_rank_resumes_from_the_last_complete_checkpoint(tmp_path, mlflo
         p.send_signal(signal.SIGSTOP)
     ranks[1].send_signal(signal.SIGKILL)
     ranks[0].send_signal(signal.SIGCONT)
-    out = finish(proc, 120)
-    assert proc.returncode != 0
-    assert "rank 1 of 2 ended without an error of its own" in out, out[-3000:]
-    assert not (project / "models/adapter/adapter_model.safetensors").exists()
+    killed = finish(proc, 120)
     run_id = json.loads(next(project.glob("checkpoints/*/mlflow_run.json")).read_text())["run_id"]
-    client = MlflowClient(tracking_uri=mlflow_server)
-    assert client.get_run(run_id).info.status != "RUNNING"  # rank 0 was stopped, and said so
-    last = checkpoints(project)[-1].name
+    from mlflow import MlflowClient
 
+    status_after_kill = MlflowClient(tracking_uri=mlflow_server).get_run(run_id).info.status
+    state = {
+        "project": project, "env": env, "killed": killed, "killed_code": proc.returncode, "run_id": run_id,
+        "status_after_kill": status_after_kill, "last_checkpoint": checkpoints(project)[-1].name,
+        "adapter_after_kill": (project / "models/adapter/adapter_model.safetensors").exists(),
+    }
     again = run(["dvc", "repro", "train"], project, env)
-    assert "resuming from" in again.stdout + again.stderr and last in again.stdout + again.stderr
-    resumed, reference = adapter(project), two_ranks["adapter"]
-    assert resumed.keys() == reference.keys()  # the whole adapter, from one save on rank 0
-    assert max(float((resumed[k] - reference[k]).abs().max()) for k in reference) <= TOLERANCE
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, STEPS + 1))  # no gap, no duplicate
+    state.update(
+        log=again.stdout + again.stderr,
+        losses=losses(project),
+        adapter=adapter(project),
+        metrics=json.loads((project / "metrics/train.json").read_text()),
+    )
+    return state
+
+
+def test_a_killed_rank_ends_the_job_with_its_name(two_ranks):
+    assert two_ranks["killed_code"] != 0
+    assert "rank 1 of 2 ended without an error of its own" in two_ranks["killed"], two_ranks["killed"][-3000:]
+    assert not two_ranks["adapter_after_kill"]
+    assert two_ranks["status_after_kill"] != "RUNNING"  # rank 0 was stopped, and said so
+
+
+def test_the_rerun_resumes_from_the_last_complete_checkpoint(two_ranks, mlflow_server):
+    from mlflow import MlflowClient
+
+    log = two_ranks["log"]
+    assert "training on 2 ranks (CPU processes, gloo)" in log
+    assert "resuming from" in log and two_ranks["last_checkpoint"] in log
+    assert log.count(f"training step {STEPS}/{STEPS}") == 1  # progress from rank 0 alone
+    client = MlflowClient(tracking_uri=mlflow_server)
+    record = client.get_run(two_ranks["run_id"])
+    assert record.info.status == "FINISHED"
+    assert record.data.tags["plan.ranks"] == "2"
+    # one run, each step logged once: no gap, no duplicate across the kill
+    assert [m.step for m in client.get_metric_history(two_ranks["run_id"], "loss")] == list(range(1, STEPS + 1))
+    experiment = client.get_experiment_by_name("two-ranks")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [two_ranks["run_id"]]
+
+
+def test_two_ranks_train_as_one(two_ranks):
+    """The killed and resumed 2-rank run against one uninterrupted rank: the whole adapter (saved
+    once, by rank 0), the same losses and weights."""
+    project, env = two_ranks["project"], two_ranks["env"]
+    run(["qlora", "train", "-S", "train.num_gpus=1"], project, env)
+    one, two = losses(project), two_ranks["losses"]
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+    assert all(abs(one[s] - two[s]) <= TOLERANCE * abs(one[s]) for s in one), (one, two)
+    single = adapter(project)
+    assert single.keys() == two_ranks["adapter"].keys()
+    assert max(float((single[k] - two_ranks["adapter"][k]).abs().max()) for k in single) <= TOLERANCE
+    # the same global batch: 2 x 2 on one rank, 2 x 1 on each of two
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert (metrics["plan_ranks"], metrics["plan_gradient_accumulation_steps"]) == (1, 2)
+    assert (two_ranks["metrics"]["plan_ranks"], two_ranks["metrics"]["plan_gradient_accumulation_steps"]) == (2, 1)

@@ -103,7 +103,7 @@ def test_train_stage_saves_the_adapter_only_after_training_returns():
 
     source = inspect.getsource(stage.run)
     trained = source.index("result = train_adapter(")
-    assert trained < source.index("atomic_dir(paths.adapter)") and trained < source.index("paths.train_metrics")
+    assert trained < source.index("atomic_dir(paths.adapter)") and trained < source.index("write_json_atomic(paths.train_metrics")
 
 
 def test_resumed_run_reports_the_whole_runs_mean_loss(tiny_model, tiny_cache, tmp_path, tiny_cfg):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from qlora_pipeline import progress
 from qlora_pipeline.errors import QloraError
@@ -204,7 +206,7 @@ def _run(stage: Callable, params: Path, overrides: list[str] | None, *args, verb
         stage(ctx, *args)
     except QloraError as exc:
         distributed.record_failure(exc)
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
         distributed.record_failure(exc)
@@ -238,7 +240,7 @@ def _disk_full(exc: BaseException) -> bool:
 @app.command()
 def check(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Validate params.yaml (and overrides) and print the resolved config."""
-    _run(lambda ctx: err.print_json(ctx.cfg.model_dump_json()), params, set_)
+    _run(lambda ctx: print(json.dumps(ctx.cfg.model_dump(mode="json"), indent=2)), params, set_)
 
 
 @app.command()

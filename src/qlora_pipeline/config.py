@@ -221,6 +221,10 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _fast_path_combinations(self) -> "TrainConfig":
         """Switches that cannot work together, refused at load time (qlora check), not at train start."""
+        if isinstance(self.num_gpus, int) and self.num_gpus > 1 and self.gradient_accumulation_steps % self.num_gpus:
+            fits, accum = (self.gradient_accumulation_steps // self.num_gpus + 1) * self.num_gpus, self.gradient_accumulation_steps
+            raise ValueError(f"gradient_accumulation_steps ({accum}) must be a multiple of num_gpus ({self.num_gpus}): the global batch "
+                             f"is divided among the ranks; set it to {fits}, or num_gpus to a divisor of it")
         if self.dropout_mask_bits is True and self.fused_lora is False:
             raise ValueError(
                 "dropout_mask_bits: true needs fused LoRA layers (the bit masks live in their autograd node); "

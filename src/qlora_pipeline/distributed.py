@@ -116,12 +116,25 @@ def record_failure(exc: BaseException) -> None:
     folder = os.environ.get(RANK_ERRORS_ENV)
     if not launched() or not folder:
         return
-    stopped = isinstance(exc, KeyboardInterrupt)  # SIGTERM from torchrun after another rank failed
+    # SIGTERM from torchrun after another rank failed, or a collective that broke because a peer died
+    stopped = isinstance(exc, KeyboardInterrupt) or lost_peer(exc)
     message = str(exc).strip() or type(exc).__name__
     if not stopped and not message.startswith(type(exc).__name__) and not hasattr(exc, "exit_code"):
         message = f"{type(exc).__name__}: {message}"
     path = Path(folder) / f"rank{rank()}.json"
     path.write_text(json.dumps({"rank": rank(), "time": time.time(), "stopped": stopped, "message": message}))
+
+
+PEER_LOST = (
+    "Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+    "NCCL communicator was aborted", "Socket Timeout", "Timed out waiting",
+)
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """True for a gloo / NCCL error that only says another rank went away (not this rank's fault)."""
+    text = str(exc)
+    return any(marker in text for marker in PEER_LOST)
 
 
 def failure_message(folder: Path, ranks: int, exit_code: int) -> str:

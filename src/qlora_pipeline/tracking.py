@@ -324,6 +324,9 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 4, first_delay_s: floa
 # ---- what a training run logs ----------------------------------------------------------------
 
 
+TRAINER_SUMMARY = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
+
+
 def metrics_callback(run_id: str | None = None):
     """A transformers TrainerCallback that logs every Trainer log row (loss, learning rate, grad
     norm, tokens/s) to the active MLflow run at its global step, from the main process only.
@@ -346,7 +349,12 @@ def metrics_callback(run_id: str | None = None):
 
             if not state.is_world_process_zero or not logs or state.global_step <= logged_up_to:
                 return
-            numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            # The Trainer's end-of-training summary covers only this process's steps (after a
+            # resume, the resumed part): the stage logs the whole run's figures instead.
+            numbers = {
+                k: float(v) for k, v in logs.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in TRAINER_SUMMARY
+            }
             if numbers:
                 mlflow.log_metrics(numbers, step=state.global_step)
 

@@ -79,10 +79,11 @@ def two_ranks(tmp_path_factory, mlflow_server):
     run_id = json.loads(next(project.glob("checkpoints/*/mlflow_run.json")).read_text())["run_id"]
     from mlflow import MlflowClient
 
-    status_after_kill = MlflowClient(tracking_uri=mlflow_server).get_run(run_id).info.status
+    after_kill = MlflowClient(tracking_uri=mlflow_server).get_run(run_id)
     state = {
         "project": project, "env": env, "killed": killed, "killed_code": proc.returncode, "run_id": run_id,
-        "status_after_kill": status_after_kill, "last_checkpoint": checkpoints(project)[-1].name,
+        "status_after_kill": after_kill.info.status,
+        "reason_after_kill": after_kill.data.tags.get("failure_reason", ""), "last_checkpoint": checkpoints(project)[-1].name,
         "adapter_after_kill": (project / "models/adapter/adapter_model.safetensors").exists(),
     }
     again = run(["dvc", "repro", "train"], project, env)
@@ -100,6 +101,8 @@ def test_a_killed_rank_ends_the_job_with_its_name(two_ranks):
     assert "rank 1 of 2 ended without an error of its own" in two_ranks["killed"], two_ranks["killed"][-3000:]
     assert not two_ranks["adapter_after_kill"]
     assert two_ranks["status_after_kill"] != "RUNNING"  # rank 0 was stopped, and said so
+    assert two_ranks["reason_after_kill"].startswith("rank 1 of 2 ended without an error of its own")
+    assert "MarkupError" not in two_ranks["killed"]
 
 
 def test_the_rerun_resumes_from_the_last_complete_checkpoint(two_ranks, mlflow_server):

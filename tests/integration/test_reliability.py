@@ -104,6 +104,8 @@ def test_sigkill_and_partial_checkpoint_resume(tmp_path, mlflow_server, referenc
     run_record = client.get_run(run_info["run_id"])
     assert run_record.info.status == "FINISHED"
     assert run_record.data.tags["resumed_from"] == previous.name
+    # the whole run's mean loss, not the Trainer's figure for the resumed part only
+    assert run_record.data.metrics["train_loss"] == pytest.approx(json.loads((project / "metrics/train.json").read_text())["train_loss"])
     assert run_record.info.run_name == "second-attempt"
     assert run_record.data.tags["previous_run_name"].startswith("qlora-")  # the killed attempt's default name
     steps = [m.step for m in client.get_metric_history(run_info["run_id"], "loss")]

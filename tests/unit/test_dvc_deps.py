@@ -59,7 +59,11 @@ def imported(name: str) -> set[str]:
 
 
 def docstring_only(name: str) -> bool:
-    body = ast.parse(module_file(name).read_text(encoding="utf-8")).body
+    return docstring_only_file(module_file(name))
+
+
+def docstring_only_file(path: Path) -> bool:
+    body = ast.parse(path.read_text(encoding="utf-8")).body
     return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body) or not body
 
 
@@ -95,6 +99,13 @@ def test_a_stage_depends_on_exactly_the_code_it_imports(stage):
     assert not missing, f"dvc.yaml stage {stage}: add to deps {missing}"
     unused = sorted(str(d.relative_to(REPO)) for d in deps if not any(covered(p, [d]) for p in code.values()))
     assert not unused, f"dvc.yaml stage {stage}: deps it does not import {unused}"
+    # a folder dep re-runs the stage for any file in it: each of its modules must be imported
+    imported_files = set(code.values())
+    extra = sorted(
+        str(f.relative_to(REPO)) for d in deps if d.is_dir() for f in d.rglob("*.py")
+        if f not in imported_files and not docstring_only_file(f)
+    )
+    assert not extra, f"dvc.yaml stage {stage}: a folder dep holds modules it does not import {extra}; list the files instead"
 
 
 def test_the_import_reader_sees_function_level_and_relative_imports():

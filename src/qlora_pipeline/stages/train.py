@@ -23,6 +23,7 @@ from transformers import set_seed
 
 from qlora_pipeline import distributed, tracking
 from qlora_pipeline.atomic import atomic_dir, write_json_atomic
+from qlora_pipeline.errors import DistributedError
 from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.data.store import load_prepared
 from qlora_pipeline.core.model import apply_lora, base_model_revision, load_base_model, resolve_compute_dtype
@@ -98,6 +99,22 @@ def _name_after_this_attempt(run, tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
 
 
+def _record_rank_failure(checkpoint_dir: Path, message: str) -> None:
+    """The failed ranks' cause on the training's MLflow run (`failure_reason`), where rank 0 left
+    only what it saw, such as a connection reset by the rank that died."""
+    info = checkpoint_dir / "mlflow_run.json"
+    if not info.is_file():
+        return
+    try:
+        from mlflow import MlflowClient
+
+        run_id = json.loads(info.read_text())["run_id"]
+        MlflowClient().set_tag(run_id, "failure_reason", message[:4000])
+        MlflowClient().set_tag(run_id, "stage.train.failure_reason", message[:4000])
+    except Exception as exc:  # noqa: BLE001 - the rank's error is the one to report
+        log.warning("could not record the failure on the MLflow run (%s)", str(exc).splitlines()[0][:200])
+
+
 def run(ctx: StageContext) -> dict:
     """Train the adapter; on several ranks (train.num_gpus), relaunch under torchrun and wait.
 
@@ -115,7 +132,11 @@ def run(ctx: StageContext) -> dict:
     checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
     if ranks > 1 and not distributed.launched():
         with one_training_per_checkpoint(checkpoint_dir):  # held for the ranks, which do not take it
-            distributed.launch(ctx.cli_args("train"), ranks, paths.root)
+            try:
+                distributed.launch(ctx.cli_args("train"), ranks, paths.root)
+            except DistributedError as exc:  # rank 0 recorded its own symptom; the cause is this
+                _record_rank_failure(checkpoint_dir, str(exc))
+                raise
         return json.loads(paths.train_metrics.read_text())
     train_ds = load_prepared(paths.prepared, "train")
     eval_ds = load_prepared(paths.prepared, "eval") if cfg.train.eval_steps else None

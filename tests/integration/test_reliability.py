@@ -132,6 +132,7 @@ def test_a_training_stopped_before_dvc_recorded_it_is_not_redone(tmp_path, mlflo
 
     again = run(["dvc", "repro", "evaluate"], project, env)
     assert "training is complete" in again.stdout + again.stderr
+    assert json.loads((project / "metrics/train.json").read_text())["plan_micro_batch_size"] > 0  # the plan it trained with
     assert json.loads((project / "models/adapter/run.json").read_text())["run_id"] == run_id
     assert all(torch.equal(weights[k], v) for k, v in adapter_weights(project).items())
     client = MlflowClient(tracking_uri=mlflow_server)

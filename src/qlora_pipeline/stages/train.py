@@ -52,6 +52,7 @@ def checkpoint_key(ctx: StageContext) -> str:
 
 
 FINISHED = "finished.json"  # in a checkpoint folder: its training saved its adapter
+PLAN = "plan.json"  # in a checkpoint folder: the plan its training ran with (micro-batch, recompute, ...)
 
 
 @contextmanager
@@ -203,6 +204,9 @@ def run(ctx: StageContext) -> dict:
                 summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
             if result.plan:  # what trained, where the fast path changed params (core/fast/)
                 result.plan["ranks"] = ranks  # global batch: micro_batch_size x gradient_accumulation_steps x ranks
+                write_json_atomic(checkpoint_dir / PLAN, result.plan)
+            elif (checkpoint_dir / PLAN).is_file():  # nothing left to train: the plan the training ran with
+                result.plan = json.loads((checkpoint_dir / PLAN).read_text())
                 mlflow.set_tags({f"plan.{k}": str(v) for k, v in result.plan.items()})
                 summary.update({f"plan_{k}": v for k, v in result.plan.items() if isinstance(v, (int, float))})
             tracking.log_metrics_once({k: float(v) for k, v in summary.items() if v is not None})

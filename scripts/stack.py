@@ -180,13 +180,14 @@ class Stack:
     def prefect_api_url(self) -> str:
         return f"http://{HOST}:{self.ports['prefect']}/api"
 
-    def pg_url(self, user: str, database: str, driver: str = "postgresql+psycopg2") -> str:
-        """A PostgreSQL URL with the role's password: for a server's environment only.
+    def pg_url(self, user: str, database: str, driver: str = "postgresql+psycopg2", password: bool = True) -> str:
+        """A PostgreSQL URL, with the role's password unless password=False (then libpq reads
+        PGPASSWORD). With the password: for a server's environment only.
 
         The driver is named: SQLAlchemy 2.1 reads a bare `postgresql://` as psycopg 3.
         """
-        password = self.secrets[f"pg_{user}"]
-        return f"{driver}://{user}:{password}@{HOST}:{self.ports['postgres']}/{database}"
+        secret = f":{self.secrets[f'pg_{user}']}" if password else ""
+        return f"{driver}://{user}{secret}@{HOST}:{self.ports['postgres']}/{database}"
 
     def s3_keys(self, identity: str) -> tuple[str, str]:
         """(access key id, secret key) of an S3 identity: admin, mlflow or dvc."""
@@ -343,7 +344,9 @@ class Stack:
         auth = self.root / "mlflow" / "basic_auth.ini"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
         env.update({
-            "MLFLOW_BACKEND_STORE_URI": self.pg_url("mlflow", "mlflow"),
+            # the database password as PGPASSWORD: not in the URI, which MLflow may print, nor in the auth config
+            "MLFLOW_BACKEND_STORE_URI": self.pg_url("mlflow", "mlflow", password=False),
+            "PGPASSWORD": self.secrets["pg_mlflow"],
             "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts",
             "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
             "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
@@ -362,11 +365,15 @@ class Stack:
         folder = self.root / "mlflow"
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / "basic_auth.ini", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:  # the admin password comes from the environment, not this file
+        with os.fdopen(fd, "w") as fh:  # no secret: the passwords come from the environment
             fh.write("[mlflow]\ndefault_permission = READ\n"
-                     f"database_uri = {self.pg_url('mlflow', 'mlflow_auth')}\n"
+                     f"database_uri = {self.pg_url('mlflow', 'mlflow_auth', password=False)}\n"
                      "admin_username = admin\n"
-                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                     # Each request's password is checked with PBKDF2 (a fraction of a CPU second);
+                     # a training logs many: cache a good check for 60 s, which also bounds how
+                     # long a changed password keeps working on other server workers.
+                     "auth_cache_ttl_seconds = 60\n")
         mlflow = shutil.which("mlflow", path=str(_bin_dir())) or "mlflow"
         cmd = [mlflow, "server", "--app-name", "basic-auth", "--host", HOST, "--port", str(self.ports["mlflow"]),
                "--workers", "1"]

@@ -333,8 +333,9 @@ class Stack:
             return False
         return True
 
-    def stop_s3(self) -> None:
-        self._stop("s3")
+    def stop_s3(self, kill: bool = False) -> None:
+        """Stop SeaweedFS (its graceful stop takes about 16 s; kill=True: SIGKILL, as a crash would)."""
+        self._stop("s3", signal.SIGKILL if kill else signal.SIGTERM)
 
     # ---- MLflow -------------------------------------------------------------------------------
 
@@ -516,11 +517,12 @@ class Stack:
                 getattr(self, f"start_{name}")()
         self.write_client_env()
 
-    def down(self) -> None:
-        """Stop every service this stack started; the data stays."""
+    def down(self, fast: bool = False) -> None:
+        """Stop every service this stack started; the data stays (fast=True: SIGKILL and PostgreSQL's
+        immediate stop, for a stack whose data is thrown away next)."""
         for name in ("prefect", "mlflow", "s3"):
-            self._stop(name)
-        self.stop_postgres()
+            self._stop(name, signal.SIGKILL if fast else signal.SIGTERM)
+        self.stop_postgres("immediate" if fast else "fast")
 
     def status(self) -> dict[str, bool]:
         """Which services answer now."""

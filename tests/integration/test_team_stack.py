@@ -76,7 +76,7 @@ def stack():
             _unavailable(str(exc))
         yield s
     finally:
-        s.down()
+        s.down(fast=True)  # its data goes next
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -265,7 +265,7 @@ def test_records_are_in_postgresql_and_s3_and_hold_no_secret(stack, team):
 def test_dvc_push_with_the_store_down_fails_clearly_and_a_retry_pushes(stack, team):
     run(["git", "add", "-A"], team.project, team.env)
     run(["git", "commit", "-qm", "a run on the team stack"], team.project, team.env)
-    stack.stop_s3()
+    stack.stop_s3(kill=True)  # the store crashes
     started = time.monotonic()
     down = run(["dvc", "push"], team.project, team.env, check=False, timeout=300)
     failed_s = time.monotonic() - started

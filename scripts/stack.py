@@ -79,6 +79,9 @@ def postgres_bin() -> Path:
     Raises StackError naming the install command when there is none.
     """
     if os.environ.get("PG_BIN"):
+        if not (Path(os.environ["PG_BIN"]) / "initdb").is_file():
+            raise StackError(f"PG_BIN={os.environ['PG_BIN']} holds no initdb: point it at PostgreSQL's server "
+                             "binaries (Debian: /usr/lib/postgresql/<version>/bin)")
         return Path(os.environ["PG_BIN"])
     found = shutil.which("pg_ctl")
     if found and (Path(found).resolve().parent / "initdb").is_file():  # not a lone link to pg_ctl
@@ -218,7 +221,12 @@ class Stack:
             finally:
                 pwfile.unlink(missing_ok=True)
         if self.postgres_running():
-            return
+            status = subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(self.pgdata), "status"], capture_output=True)
+            if status.returncode == 0:
+                return
+            raise StackError(f"port {self.ports['postgres']} (postgres) answers, but not for the stack in {self.root}: "
+                             "another server holds it. Stop that one, or start a new stack elsewhere on free ports: "
+                             "python scripts/stack.py up --dir <new folder> --free-ports")
         options = f"-c listen_addresses={HOST} -p {self.ports['postgres']} -c unix_socket_directories=''"
         self._pg(prefix + [str(bindir / "pg_ctl"), "-D", str(self.pgdata), "-l", str(folder / "postgres.log"),
                            "-w", "-t", str(WAIT_S), "-o", options, "start"], "pg_ctl start")
@@ -274,7 +282,7 @@ class Stack:
 
     def start_s3(self) -> None:
         """`weed server` (master, volume, filer, S3 gateway) on 127.0.0.1 with scoped identities; buckets."""
-        if self.s3_running():
+        if self._running_here("s3", self.s3_running):
             return
         folder = self.root / "s3"
         (folder / "data").mkdir(parents=True, exist_ok=True)
@@ -361,7 +369,7 @@ class Stack:
 
     def start_mlflow(self) -> None:
         """`mlflow server --app-name basic-auth` on PostgreSQL with proxied S3 artifacts; the user `pipeline`."""
-        if self.mlflow_running():
+        if self._running_here("mlflow", self.mlflow_running):
             return
         folder = self.root / "mlflow"
         folder.mkdir(parents=True, exist_ok=True)
@@ -415,7 +423,7 @@ class Stack:
 
     def start_prefect(self) -> None:
         """scripts/prefect-server.sh with its database in PostgreSQL, PREFECT_HOME under the stack folder."""
-        if self.prefect_running():
+        if self._running_here("prefect", self.prefect_running):
             return
         folder = self.root / "prefect"
         folder.mkdir(parents=True, exist_ok=True)
@@ -471,6 +479,17 @@ class Stack:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.pids[name] = proc.pid
         self.save()
+
+    def _running_here(self, name: str, answering) -> bool:
+        """Whether this stack's `name` runs already; StackError if another server holds its port."""
+        if not answering():
+            return False
+        pid = self.pids.get(name)
+        if pid is not None and _alive(pid):
+            return True
+        raise StackError(f"port {self.ports[name]} ({name}) answers, but not for the stack in {self.root}: another "
+                         "server holds it. Stop that one, or start a new stack elsewhere on free ports: "
+                         "python scripts/stack.py up --dir <new folder> --free-ports")
 
     def _wait(self, ready, name: str, what: str) -> None:
         deadline = time.monotonic() + WAIT_S

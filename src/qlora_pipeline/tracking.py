@@ -70,7 +70,13 @@ def setup(paths: ProjectPaths, experiment: str) -> str:
             artifact_location = None
             if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is
                 artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-            return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+            try:
+                return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception as exc:  # noqa: BLE001 - only a lost creation race is handled here
+                if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # two runs started at once on a new store: the other one created it first
+                found = mlflow.get_experiment_by_name(experiment)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot reach the store"
         refused = access_refused(exc, uri, experiment)
         if refused:

@@ -9,7 +9,9 @@
 #   docker run -d --gpus all --network host -e PREFECT_API_URL=http://127.0.0.1:4200/api \
 #     -v /srv/qlora:/opt/qlora qlora-worker:latest
 # As the image of a Docker work pool (one container per flow run): docs/prefect.md.
-# The install steps are docker/install.sh, which CI also runs (with --torch cpu).
+# The install steps are docker/install.sh, which CI also runs (with --torch cpu). --team adds the
+# team stack's packages (PostgreSQL and S3 clients, MLflow basic auth, dvc-s3): docker/compose.yaml
+# runs the MLflow server from this image too.
 FROM python:3.11-slim-bookworm
 
 ARG QLORA_UID=1000
@@ -36,10 +38,10 @@ WORKDIR /opt/qlora
 # Dependencies first: this layer is rebuilt only when pyproject.toml or the installer changes.
 COPY --chown=qlora:qlora pyproject.toml README.md ./
 COPY --chown=qlora:qlora docker/install.sh docker/install.sh
-RUN docker/install.sh --torch cuda --venv /opt/venv --deps-only
+RUN docker/install.sh --torch cuda --venv /opt/venv --team --deps-only
 
 COPY --chown=qlora:qlora . .
-RUN docker/install.sh --torch cuda --venv /opt/venv \
+RUN docker/install.sh --torch cuda --venv /opt/venv --team \
     && git config --global --add safe.directory /opt/qlora
 
 HEALTHCHECK --interval=60s --timeout=10s --start-period=60s --retries=3 CMD ["/opt/qlora/docker/healthcheck.sh"]

@@ -3,6 +3,7 @@
 # make demo    - the whole pipeline offline on a CPU: SmolLM2, real DVC/MLflow/4-bit, a chat request
 # make exps    - compare experiments: quality metrics and what changed (dvc exp show)
 # make test    - the test suite (unit + integration with real DVC, MLflow and Prefect servers)
+# make stack-up / stack-down - the team stack on this machine: PostgreSQL, S3 (SeaweedFS), MLflow, Prefect
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ SHORT_SCHEDULE := $(shell sed -n "s/^\([a-z_]*\.[a-z_]*\): *\(.*\)$$/-S '\1=\2'/
 DEMO_SET ?= -S model.name=$(DEMO_MODEL) -S register.model_name=qlora-demo $(SHORT_SCHEDULE)
 DEMO_ASK ?= "Record the contact." "Hello from Lyon, this is Ines Moreau."
 
-.PHONY: setup models demo data exps test test-fast ui mlflow-server prefect-server deploy worker clean
+.PHONY: setup models demo data exps test test-fast ui mlflow-server prefect-server deploy worker stack-up stack-down clean
 
 setup: $(VENV)/.installed
 
@@ -67,6 +68,14 @@ deploy: setup
 
 worker: setup
 	. $(VENV)/bin/activate && scripts/prefect-worker.sh
+
+# The team stack on 127.0.0.1, data, logs and generated secrets in $(STACK_DIR) (README "Team stack").
+STACK_DIR ?= .stack
+stack-up: setup
+	$(PY) scripts/stack.py up --dir $(STACK_DIR)
+
+stack-down:
+	$(PY) scripts/stack.py down --dir $(STACK_DIR)
 
 clean:
 	rm -rf data/prepared models metrics plots reports checkpoints .cache

@@ -3,7 +3,8 @@
 # the GPU worker image; CI runs it with --torch cpu to check the same steps on a CPU machine.
 #
 #   docker/install.sh --torch cuda --venv /opt/venv          # the image: CUDA PyTorch from PyPI
-#   docker/install.sh --torch cpu --venv /tmp/venv --dev     # CI or a laptop
+#   docker/install.sh --torch cpu --venv /tmp/venv --dev     # CI or a laptop (with the team stack's packages)
+#   docker/install.sh --team ...                             # + the team stack's clients and servers (README)
 #   docker/install.sh --deps-only ...                        # dependencies only (a cached image layer)
 #
 # TORCH_SPEC replaces the torch requirement; TORCH_INDEX_URL installs torch from that index
@@ -14,15 +15,17 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${VIRTUAL_ENV:-$ROOT/.venv}"
 TORCH=cuda
 DEV=0
+TEAM=0
 DEPS_ONLY=0
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv) VENV="$2"; shift 2 ;;
     --torch) TORCH="$2"; shift 2 ;;
     --dev) DEV=1; shift ;;
+    --team) TEAM=1; shift ;;
     --deps-only) DEPS_ONLY=1; shift ;;
     -h|--help) usage 0 ;;
     *) echo "install.sh: unknown option $1" >&2; usage 2 ;;
@@ -36,7 +39,9 @@ case "$TORCH" in
   cuda) TORCH_SPEC="${TORCH_SPEC:-torch>=2.8,<2.15}"; EXTRAS="gpu" ;;
   *) echo "install.sh: --torch must be cpu or cuda, not $TORCH" >&2; exit 2 ;;
 esac
-[ "$DEV" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}dev"
+# The tests run the team stack for real (PostgreSQL aside, which is a system package): its extras too.
+[ "$DEV" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}dev,team,stack"
+[ "$TEAM" = 1 ] && [ "$DEV" = 0 ] && EXTRAS="${EXTRAS:+$EXTRAS,}team"
 
 step() { echo "install.sh: $*" >&2; }
 

@@ -36,6 +36,7 @@ SHORT_SCHEDULE: dict = yaml.safe_load((REPO / "schedules" / "short.yaml").read_t
 LONGEST_FIRST = (
     "integration/test_prefect_flow.py",
     "integration/test_prefect_faults.py",
+    "integration/test_team_stack.py",
     "integration/test_registry.py",
     "integration/test_real_model.py",
     "integration/test_ranks.py",

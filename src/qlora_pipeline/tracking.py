@@ -70,8 +70,17 @@ def setup(paths: ProjectPaths, experiment: str) -> str:
             artifact_location = None
             if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is
                 artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-            return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+            try:
+                return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception as exc:  # noqa: BLE001 - only a lost creation race is handled here
+                if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # two runs started at once on a new store: the other one created it first
+                found = mlflow.get_experiment_by_name(experiment)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot reach the store"
+        refused = access_refused(exc, uri, experiment)
+        if refused:
+            raise RegistryError(refused) from None
         raise TransientError(
             f"MLflow tracking store {_redacted(uri)} cannot be reached ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); start it with mlflow/server.sh, "
@@ -81,6 +90,28 @@ def setup(paths: ProjectPaths, experiment: str) -> str:
     if mismatch:
         raise RegistryError(mismatch)
     return found.experiment_id
+
+
+def access_refused(exc: BaseException, uri: str, experiment: str) -> str | None:
+    """What to do when a tracking server with authentication (`mlflow server --app-name basic-auth`)
+    refused the credentials (401) or the user's rights (403), else None. Not transient: a retry
+    with the same credentials fails the same way."""
+    code = getattr(exc, "error_code", None)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "UNAUTHENTICATED":
+        given = f"the user {user!r} and its password were" if user else "no credentials were"
+        return (
+            f"MLflow tracking server {_redacted(uri)} refused the credentials (401): {given} not accepted. "
+            "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server (its admin creates "
+            "users); nothing was written"
+        )
+    if code == "PERMISSION_DENIED":
+        return (
+            f"MLflow tracking server {_redacted(uri)} denied the user {user!r} access to experiment {experiment!r} "
+            "(403). Ask the server's admin for EDIT permission on it, or set tracking.experiment to a new name "
+            "(its creator may write to it); nothing was written"
+        )
+    return None
 
 
 def artifact_mismatch(uri: str, experiment: str, location: str) -> str | None:

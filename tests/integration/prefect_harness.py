@@ -36,6 +36,8 @@ class Services:
     server: subprocess.Popen | None = None
     worker: subprocess.Popen | None = None
     extra_workers: list[subprocess.Popen] = field(default_factory=list)
+    server_env: dict[str, str] = field(default_factory=dict)
+    """Added to the server's environment, e.g. PREFECT_SERVER_DATABASE_CONNECTION_URL (PostgreSQL)."""
 
     @property
     def api_url(self) -> str:
@@ -43,8 +45,8 @@ class Services:
 
     def start_server(self) -> None:
         """scripts/prefect-server.sh on the session's port and database; returns once it answers."""
-        self.server = start(["scripts/prefect-server.sh"], self.project, base_env(self.project, PORT=str(self.port)),
-                            self.logs / "server.log")
+        env = base_env(self.project, PORT=str(self.port), **self.server_env)
+        self.server = start(["scripts/prefect-server.sh"], self.project, env, self.logs / "server.log")
         wait_http(f"{self.api_url}/health", 180, self.server)
 
     def start_worker(self, pool: str = "gpu", log: str = "worker.log", **env: str) -> subprocess.Popen:

@@ -96,21 +96,14 @@ def access_refused(exc: BaseException, uri: str, experiment: str) -> str | None:
     """What to do when a tracking server with authentication (`mlflow server --app-name basic-auth`)
     refused the credentials (401) or the user's rights (403), else None. Not transient: a retry
     with the same credentials fails the same way."""
-    code = getattr(exc, "error_code", None)
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    code, user, server = getattr(exc, "error_code", None), os.environ.get("MLFLOW_TRACKING_USERNAME"), _redacted(uri)
     if code == "UNAUTHENTICATED":
         given = f"the user {user!r} and its password were" if user else "no credentials were"
-        return (
-            f"MLflow tracking server {_redacted(uri)} refused the credentials (401): {given} not accepted. "
-            "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server (its admin creates "
-            "users); nothing was written"
-        )
+        return (f"MLflow tracking server {server} refused the credentials (401): {given} not accepted. Set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD to a user of that server (its admin creates users); nothing was written")
     if code == "PERMISSION_DENIED":
-        return (
-            f"MLflow tracking server {_redacted(uri)} denied the user {user!r} access to experiment {experiment!r} "
-            "(403). Ask the server's admin for EDIT permission on it, or set tracking.experiment to a new name "
-            "(its creator may write to it); nothing was written"
-        )
+        return (f"MLflow tracking server {server} denied the user {user!r} access to experiment {experiment!r} (403). Ask the server's "
+                "admin for EDIT permission on it, or set tracking.experiment to a new name (its creator may write to it); nothing was written")
     return None
 
 

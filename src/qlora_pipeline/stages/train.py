@@ -207,6 +207,7 @@ def run(ctx: StageContext) -> dict:
                 write_json_atomic(checkpoint_dir / PLAN, result.plan)
             elif (checkpoint_dir / PLAN).is_file():  # nothing left to train: the plan the training ran with
                 result.plan = json.loads((checkpoint_dir / PLAN).read_text())
+            if result.plan:
                 mlflow.set_tags({f"plan.{k}": str(v) for k, v in result.plan.items()})
                 summary.update({f"plan_{k}": v for k, v in result.plan.items() if isinstance(v, (int, float))})
             tracking.log_metrics_once({k: float(v) for k, v in summary.items() if v is not None})

@@ -46,8 +46,8 @@ exps: setup
 	  --keep '^(eval_loss|perplexity|chrf|exact_match|train_loss|best_eval_loss)$$' \
 	  --drop '^(data|models|metrics|src)/|^base_models$$'
 
-# Two workers (TEST_WORKERS): each module runs whole on one, the longest first (tests/conftest.py).
-TEST_WORKERS ?= 2
+# Three workers (TEST_WORKERS; many tests wait on servers and subprocesses, so 3 beat 2 on 2 cores): each module runs whole on one, the longest first (tests/conftest.py).
+TEST_WORKERS ?= 3
 test: models
 	. $(VENV)/bin/activate && python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

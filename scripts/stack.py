@@ -59,6 +59,15 @@ MLFLOW_USER = "pipeline"  # the MLflow user clients log, register and promote as
 WAIT_S = 120
 
 
+
+def _healthy(url: str) -> bool:
+    """True when a server's health endpoint answers 200 within 2 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
 class StackError(Exception):
     """A service of the stack cannot be started, reached or stopped; the message names the fix."""
 
@@ -391,11 +400,7 @@ class Stack:
         self._ensure_mlflow_user()
 
     def mlflow_running(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.mlflow_url}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return _healthy(f"{self.mlflow_url}/health")
 
     def _ensure_mlflow_user(self) -> None:
         import requests
@@ -433,11 +438,7 @@ class Stack:
         self._wait(self.prefect_running, "prefect", f"{self.prefect_api_url}/health (Prefect)")
 
     def prefect_running(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.prefect_api_url}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return _healthy(f"{self.prefect_api_url}/health")
 
     # ---- clients ------------------------------------------------------------------------------
 

@@ -113,6 +113,10 @@ class QuantizationConfig(_Section):
     """4-bit only: quantize the quantization constants too (about 0.37 bits per weight less)."""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU."""
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """4-bit only: the dtype the packed 4-bit weights are stored as (the bits are the same). FSDP
+    shards only floating tensors of one dtype per layer, so it needs the compute dtype here.
+    auto: the compute dtype when training with train.distributed fsdp, uint8 otherwise."""
 
     @model_validator(mode="after")
     def _one_mode(self) -> "QuantizationConfig":
@@ -174,9 +178,12 @@ class TrainConfig(_Section):
     """Ranks to train on (torchrun, data-parallel): auto, every visible GPU; or N. The global batch
     stays per_device_batch_size x gradient_accumulation_steps (each rank accumulates 1/N of the
     steps). On a machine without a GPU, N > 1 runs N CPU ranks (gloo)."""
-    distributed: Literal["ddp", "auto"] = "auto"
+    distributed: Literal["ddp", "fsdp", "auto"] = "auto"
     """How several ranks share the work: ddp (each rank holds the whole 4-bit model and trains on
-    its share of every batch). auto: ddp."""
+    its share of every batch), or fsdp (FSDP2 through accelerate: the 4-bit weights, the adapter and
+    its optimizer state sharded across the GPUs, each layer gathered while it runs; needs CUDA GPUs
+    and 4-bit storage in the compute dtype, see quantization.quant_storage). auto: ddp when the
+    model and the smallest training plan fit one GPU, fsdp otherwise (distributed.strategy)."""
     # The fast GPU path (core/fast/). auto: on with a CUDA GPU, off on a CPU.
     use_liger: bool | Literal["auto"] = "auto"
     """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel (the `gpu` extra)."""
@@ -229,6 +236,16 @@ class TrainConfig(_Section):
             raise ValueError(
                 "dropout_mask_bits: true needs fused LoRA layers (the bit masks live in their autograd node); "
                 "set fused_lora to auto or true, or dropout_mask_bits to false"
+            )
+        if self.distributed == "fsdp" and self.compile is True:
+            raise ValueError(
+                "distributed: fsdp and compile: true cannot both apply: compiled decoder layers are not "
+                "supported under FSDP here; set compile to false (or auto), or distributed to ddp"
+            )
+        if self.distributed == "fsdp" and self.num_gpus == 1:
+            raise ValueError(
+                "distributed: fsdp shards the model across several GPUs but num_gpus is 1; "
+                "set num_gpus to auto or a number > 1, or distributed to auto"
             )
         if self.dropout_mask_bits is True and self.compile is True:
             raise ValueError(
@@ -336,6 +353,28 @@ with warnings.catch_warnings():
                 if isinstance(name, str):
                     raw = {**raw, "register": {**register, "model_name": registered_name(name)}}
             return raw
+
+        @model_validator(mode="after")
+        def _fsdp_storage(self) -> "PipelineConfig":
+            """FSDP shards floating tensors of one dtype per layer: 4-bit weights stored as uint8, or
+            8-bit weights, cannot be sharded (the failure would come after loading the model)."""
+            if self.train.distributed != "fsdp":
+                return self
+            quant = self.quantization
+            if quant.load_in_8bit:
+                raise ValueError(
+                    "train.distributed: fsdp cannot shard 8-bit (LLM.int8) weights; set quantization.load_in_4bit: true "
+                    "(QLoRA) and load_in_8bit: false, or train.distributed: ddp"
+                )
+            if not quant.load_in_4bit or quant.quant_storage == "auto":
+                return self
+            if quant.quant_storage == "uint8" or quant.compute_dtype not in ("auto", quant.quant_storage):
+                wanted = "the compute dtype" if quant.compute_dtype == "auto" else quant.compute_dtype
+                raise ValueError(
+                    f"train.distributed: fsdp needs the 4-bit weights stored in {wanted} (FSDP shards one floating "
+                    f"dtype per layer) but quantization.quant_storage is {quant.quant_storage}; set it to auto"
+                )
+            return self
 
         def flat(self) -> dict[str, Any]:
             """Resolved params as dotted keys, for MLflow params and lineage tags."""

@@ -1,7 +1,9 @@
-"""Several ranks for one training: torchrun's processes, data-parallel (DDP) through the Trainer.
+"""Several ranks for one training: torchrun's processes, data-parallel (DDP) or sharded (FSDP2)
+through the Trainer and accelerate.
 
     train:
       num_gpus: auto      # every visible GPU; or a number. Without a GPU, N > 1 runs N CPU ranks (gloo)
+      distributed: auto   # ddp | fsdp | auto: ddp when the model and its smallest plan fit one GPU
 
 `qlora train` (so `dvc repro` and the Prefect task too) relaunches itself under torchrun when the
 run wants more than one rank. The launching process validates params, warms the model cache and
@@ -14,6 +16,11 @@ DataLoader (accelerate) hands rank r micro-batches r, r+N, ... of the same shuff
 GPUs give the same optimizer steps faster, and a run resumed on another number of GPUs keeps its
 batch. Rank 0 alone logs to MLflow, prints progress and writes outputs; the Trainer saves the
 checkpoint's shared files from rank 0 and each rank's RNG state.
+
+FSDP2 (strategy "fsdp") keeps 1/N of each decoder layer's 4-bit weights, LoRA weights and optimizer
+state on each GPU and gathers a layer while it runs (accelerate's fsdp2_prepare_model, one unit per
+decoder layer). The 4-bit weights must then be stored in the compute dtype (quant_storage); every
+checkpoint still holds the full adapter as safetensors, gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qlora_pipeline.errors import ConfigError, DistributedError
 
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RANK_ERRORS_ENV = "QLORA_RANK_ERRORS"  # a folder where a failing rank leaves its error
+STRATEGY_ENV = "QLORA_STRATEGY"  # the launching process's choice of ddp or fsdp, which the ranks follow
 STOP_GRACE_S = 30.0
 
 
@@ -90,6 +98,49 @@ def world_size(cfg: TrainConfig) -> int:
             f"them; set it to {fits}, or train.num_gpus to a divisor of it"
         )
     return ranks
+
+
+def strategy(cfg: TrainConfig, ranks: int, fits_one_gpu: Callable[[], bool] = lambda: True) -> str:
+    """How `ranks` ranks share the training: "single" (one rank), "ddp" or "fsdp".
+
+    train.distributed auto: ddp when fits_one_gpu() (the whole model and the smallest training plan
+    fit one GPU's memory budget), fsdp otherwise; ddp on CPU ranks. Inside a rank, the launching
+    process's choice (STRATEGY_ENV).
+
+    Raises:
+        ConfigError: fsdp asked for on a machine without CUDA GPUs (accelerate runs FSDP on CUDA only).
+    """
+    if ranks <= 1:
+        return "single"
+    if launched() and os.environ.get(STRATEGY_ENV) in ("ddp", "fsdp"):
+        return os.environ[STRATEGY_ENV]
+    on_gpu = visible_gpus() > 0
+    if cfg.distributed == "fsdp":
+        if not on_gpu:
+            raise ConfigError(
+                "train.distributed is fsdp but no CUDA GPU is visible: FSDP runs on CUDA GPUs only (accelerate runs "
+                "CPU ranks as plain data-parallel); set train.distributed to ddp or auto on this machine"
+            )
+        return "fsdp"
+    if cfg.distributed == "ddp" or not on_gpu:
+        return "ddp"
+    return "ddp" if fits_one_gpu() else "fsdp"
+
+
+def gather_trainable(model) -> dict:
+    """The trainable parameters (the adapter) as full tensors on the CPU, gathered from FSDP2 shards.
+
+    Every rank must call it (each DTensor.full_tensor() is an all-gather); all get the full tensors.
+    Small: only LoRA weights travel, never the 4-bit base.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
 
 
 def per_rank(cfg: TrainConfig, ranks: int) -> TrainConfig:
@@ -165,21 +216,22 @@ def failure_message(folder: Path, ranks: int, exit_code: int) -> str:
     return f"training on {ranks} ranks was stopped (torchrun exit code {exit_code}); run the stage again to resume"
 
 
-def launch(argv: list[str], ranks: int, cwd: Path) -> None:
-    """Run `qlora <argv>` as `ranks` ranks under torchrun on this host and wait for them.
+def launch(argv: list[str], ranks: int, cwd: Path, how: str = "ddp") -> None:
+    """Run `qlora <argv>` as `ranks` ranks under torchrun on this host and wait for them; `how`
+    (strategy's ddp or fsdp) is passed to the ranks.
 
     Raises:
         DistributedError: a rank failed (its message, or torchrun's exit code when none was left).
         KeyboardInterrupt: this process was interrupted; the ranks were stopped first.
     """
     with tempfile.TemporaryDirectory(prefix="qlora-ranks-") as folder:
-        env = {**os.environ, RANK_ERRORS_ENV: folder}
+        env = {**os.environ, RANK_ERRORS_ENV: folder, STRATEGY_ENV: how}
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
             "--module", "qlora_pipeline.cli", *argv,
         ]
-        log.info("training on %d ranks (%s)", ranks, "GPUs" if visible_gpus() else "CPU processes, gloo")
+        log.info("training on %d ranks (%s, %s)", ranks, "GPUs" if visible_gpus() else "CPU processes, gloo", how)
         proc = subprocess.Popen(command, cwd=cwd, env=env)
         try:
             code = proc.wait()

@@ -42,6 +42,13 @@ def test_default_params_validate():
         ("train.dropout_mask_bits=true;train.compile=true", "dropout_mask_bits: true and compile: true cannot both apply"),
         ("train.num_gpus=2;train.gradient_accumulation_steps=3", "gradient_accumulation_steps (3) must be a multiple of num_gpus (2)"),
         ("train.num_gpus=0", "train.num_gpus: must be auto or a number of GPUs >= 1"),
+        ("train.distributed=fsdp;quantization.quant_storage=uint8", "fsdp needs the 4-bit weights stored in the compute dtype"),
+        ("train.distributed=fsdp;quantization.compute_dtype=bfloat16;quantization.quant_storage=float16",
+         "stored in bfloat16 (FSDP shards one floating dtype per layer) but quantization.quant_storage is float16"),
+        ("train.distributed=fsdp;quantization.load_in_4bit=false;quantization.load_in_8bit=true", "fsdp cannot shard 8-bit"),
+        ("train.distributed=fsdp;train.compile=true", "distributed: fsdp and compile: true cannot both apply"),
+        ("train.distributed=fsdp;train.num_gpus=1", "fsdp shards the model across several GPUs but num_gpus is 1"),
+        ("train.distributed=zero3", "train.distributed: Input should be 'ddp', 'fsdp' or 'auto'"),
     ],
 )
 def test_bad_params_name_the_key(override, expected):

@@ -36,3 +36,44 @@ def test_a_rank_that_failed_on_its_own_is_named_with_its_message(tmp_path, monke
 @pytest.mark.parametrize("exc, lost", [(GLOO_RESET, True), (RuntimeError("CUDA out of memory"), False)])
 def test_only_a_broken_collective_counts_as_a_lost_peer(exc, lost):
     assert distributed.lost_peer(exc) is lost
+
+
+def test_the_ranks_follow_the_launching_process_choice(monkeypatch):
+    from qlora_pipeline.config import TrainConfig
+
+    cfg = TrainConfig(num_gpus=2, distributed="auto")
+    assert distributed.strategy(cfg, 1) == "single"
+    assert distributed.strategy(cfg, 2, fits_one_gpu=lambda: False) == "ddp"  # CPU ranks: data-parallel
+    for key, value in {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2", distributed.STRATEGY_ENV: "fsdp"}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.strategy(cfg, 2) == "fsdp"
+
+
+def test_fsdp_without_a_gpu_is_refused_with_the_fix():
+    from qlora_pipeline.config import TrainConfig
+    from qlora_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="FSDP runs on CUDA GPUs only.*set train.distributed to ddp or auto"):
+        distributed.strategy(TrainConfig(num_gpus=2, distributed="fsdp"), 2)
+
+
+@pytest.mark.parametrize(
+    "shape, bits, fits_gib",
+    [
+        # Llama-3.1-8B, NF4 + double quantization, seq 2048: about 7 GiB -> one 16 GiB card is enough
+        (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+              num_key_value_heads=8, vocab_size=128256), 4.127, (8, 16)),
+        # Llama-3.1-70B: about 40 GiB of 4-bit weights -> not a 24 GiB card, an 80 GiB one
+        (dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+              num_key_value_heads=8, vocab_size=128256), 4.127, (24, 80)),
+    ],
+)
+def test_the_leanest_plan_says_which_cards_a_model_needs_sharding_on(shape, bits, fits_gib):
+    from types import SimpleNamespace
+
+    from qlora_pipeline.core.fast.memory import ModelDims, leanest_plan_bytes
+
+    dims = ModelDims.from_config(SimpleNamespace(head_dim=128, **shape))
+    need_gib = leanest_plan_bytes(dims, 2048, weight_bits=bits, tied=False, lora_r=16) / 2**30
+    too_small, enough = fits_gib
+    assert too_small < need_gib < enough

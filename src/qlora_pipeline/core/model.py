@@ -107,8 +107,18 @@ def load_tokenizer(cfg: ModelConfig, resolved: ResolvedModel):
     return tokenizer
 
 
-def quantization_config(cfg: QuantizationConfig) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings for 4-bit (QLoRA) or 8-bit loading; None loads the base unquantized (plain LoRA)."""
+def quant_storage_dtype(cfg: QuantizationConfig, sharded: bool = False) -> torch.dtype:
+    """The dtype holding the packed 4-bit weights: quantization.quant_storage, where auto is the
+    compute dtype when FSDP shards the model (sharded), uint8 otherwise. The bits are the same either
+    way; FSDP can only shard floating tensors, one dtype per layer (bitsandbytes' FSDP-QLoRA notes)."""
+    if cfg.quant_storage != "auto":
+        return getattr(torch, cfg.quant_storage)
+    return resolve_compute_dtype(cfg.compute_dtype) if sharded else torch.uint8
+
+
+def quantization_config(cfg: QuantizationConfig, sharded: bool = False) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for 4-bit (QLoRA) or 8-bit loading; None loads the base unquantized (plain LoRA).
+    sharded: the model will be sharded with FSDP (train.distributed), which sets the 4-bit storage dtype."""
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype)
     if cfg.load_in_4bit:
         return BitsAndBytesConfig(
@@ -116,7 +126,7 @@ def quantization_config(cfg: QuantizationConfig) -> BitsAndBytesConfig | None:
             bnb_4bit_quant_type=cfg.quant_type,
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=quant_storage_dtype(cfg, sharded),
         )
     if cfg.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -124,16 +134,18 @@ def quantization_config(cfg: QuantizationConfig) -> BitsAndBytesConfig | None:
 
 
 def load_base_model(
-    cfg: ModelConfig, quant: QuantizationConfig, resolved: ResolvedModel, vocab_size: int | None = None
+    cfg: ModelConfig, quant: QuantizationConfig, resolved: ResolvedModel, vocab_size: int | None = None, sharded: bool = False
 ) -> PreTrainedModel:
     """Load the base model per `quant` (4-bit NF4 by default; 8-bit; or unquantized: plain LoRA), in eval mode.
 
     Non-quantized parts (norms, embeddings, head) stay in the compute dtype: no fp32 upcast,
     which would cost memory and speed for no accuracy gain with a bf16 compute dtype.
+    sharded: FSDP will shard it (4-bit storage in the compute dtype, quant_storage_dtype); each rank
+    still loads the whole 4-bit model onto its GPU first, and FSDP then keeps 1/N of it there.
     """
     compute_dtype = resolve_compute_dtype(quant.compute_dtype)
     kwargs = dict(
-        quantization_config=quantization_config(quant),
+        quantization_config=quantization_config(quant, sharded),
         dtype=compute_dtype,
         device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu",
         trust_remote_code=cfg.trust_remote_code,
@@ -158,6 +170,19 @@ def load_base_model(
             "the tokenizer and the weights must come from the same model"
         )
     return model
+
+
+def base_config(cfg: ModelConfig, resolved: ResolvedModel):
+    """The base model's transformers config (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    kwargs = {} if resolved.is_local else {"revision": resolved.revision}
+    try:
+        return AutoConfig.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as exc:
+        if resolved.is_local:
+            raise ModelError(f"model.name: cannot read config.json from {resolved.path}: {exc}") from None
+        raise _hub_error(resolved, exc) from None
 
 
 def base_model_revision(model: PreTrainedModel, resolved: ResolvedModel) -> str:

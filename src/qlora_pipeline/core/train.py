@@ -23,7 +23,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from qlora_pipeline.config import TrainConfig
 from qlora_pipeline.core.callbacks import LossHistory, NonFiniteGuard, SaveNewBest, ThroughputCallback, TrainingProgress, _diverged
-from qlora_pipeline.core.fast import apply_fast_path
+from qlora_pipeline.core.fast import apply_fast_path, decoder_layers
 from qlora_pipeline.core.resume import RunLoss, StepLoss, eval_rows, finished_run, latest_checkpoint, load_adapter_weights, loss_rows
 from qlora_pipeline.errors import DataError
 
@@ -57,9 +57,29 @@ class StepLossTrainer(Trainer):
         return loss
 
 
-def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, use_bf16: bool, use_fp16: bool) -> TrainingArguments:
-    """TrainingArguments from params: every knob comes from TrainConfig."""
+def fsdp_arguments(layer_class: str) -> dict[str, Any]:
+    """The Trainer's FSDP2 settings (accelerate's fsdp2_prepare_model): one unit per decoder layer,
+    resharded after its forward; checkpoints with the full adapter state gathered on rank 0."""
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": [layer_class],
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        },
+    }
+
+
+def training_arguments(
+    cfg: TrainConfig, checkpoint_dir: Path, use_bf16: bool, use_fp16: bool, fsdp_layer_class: str | None = None
+) -> TrainingArguments:
+    """TrainingArguments from params: every knob comes from TrainConfig. fsdp_layer_class: shard
+    the model with FSDP2, one unit per layer of this class (fsdp_arguments)."""
     return TrainingArguments(
+        **(fsdp_arguments(fsdp_layer_class) if fsdp_layer_class else {}),
         output_dir=str(checkpoint_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -121,6 +141,24 @@ class TrainResult:
     plan: dict[str, Any] = field(default_factory=dict)
     """What trained (FastPathReport.record, the attention implementation, the measured peak
     memory); empty when nothing trained (the final step was checkpointed already)."""
+    adapter_state: dict[str, torch.Tensor] | None = None
+    """After an FSDP training: the adapter's parameters gathered whole (peft names), to save with
+    model.save_pretrained(..., state_dict=adapter_state); the model's own are shards."""
+
+
+def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (the adapter) as whole tensors on the CPU, gathered from FSDP2 shards.
+
+    Every rank must call it: each DTensor.full_tensor() is an all-gather. Only the adapter's
+    weights travel, never the 4-bit base.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", copy=True)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def train_adapter(
@@ -134,8 +172,13 @@ def train_adapter(
     callbacks: list[TrainerCallback] | None = None,
     eval_dataset=None,
     eval_collator=None,
+    sharded: bool = False,
 ) -> TrainResult:
     """Train the LoRA adapter, resuming from the last complete checkpoint in checkpoint_dir.
+
+    sharded: under torchrun, shard the model with FSDP2 (load it with 4-bit storage in the compute
+    dtype: core.model.load_base_model(..., sharded=True)); the result then carries the gathered
+    adapter (adapter_state). Every rank calls this function.
 
     collator: the Trainer's data collator; for the fast path's padding-free batches build it with
     make_collator(..., padding_free=resolve_options(cfg).padding_free) (core/data/collate.py).
@@ -180,6 +223,7 @@ def train_adapter(
         checkpoint_dir,
         use_bf16=on_gpu and compute_dtype == torch.bfloat16,
         use_fp16=on_gpu and compute_dtype == torch.float16,
+        fsdp_layer_class=type(decoder_layers(model)[0]).__name__ if sharded else None,
     )
     history = LossHistory()
     if resume:
@@ -213,6 +257,8 @@ def train_adapter(
     fields = ("global_step", "num_input_tokens_seen", "log_history", "best_model_checkpoint", "best_global_step", "best_metric")
     result = _result({k: getattr(state, k, None) for k in fields}, run_loss, resume, history.rows, eval_dataset is not None)
     result.plan = {**report.record(), "attention": _attention(model), **measured_peak_memory()}
+    if sharded:
+        result.adapter_state = gather_trainable(trainer.model)
     return result
 
 

@@ -26,8 +26,9 @@ from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.errors import DistributedError
 from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.data.store import load_prepared
-from qlora_pipeline.core.model import apply_lora, base_model_revision, load_base_model, resolve_compute_dtype
-from qlora_pipeline.core.fast.options import resolve_options
+from qlora_pipeline.core.model import apply_lora, base_config, base_model_revision, load_base_model, resolve_compute_dtype
+from qlora_pipeline.core.fast.memory import ModelDims, leanest_plan_bytes
+from qlora_pipeline.core.fast.options import GIB, resolve_options
 from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.plots import loss_figure, save_png
 from qlora_pipeline.stages.common import StageContext, base_tokenizer, write_csv_atomic
@@ -116,6 +117,23 @@ def _record_rank_failure(checkpoint_dir: Path, message: str) -> None:
         log.warning("could not record the failure on the MLflow run (%s)", str(exc).splitlines()[0][:200])
 
 
+def _fits_one_gpu(ctx: StageContext, resolved, budget_gib: float | None) -> bool:
+    """Whether the base model and the leanest training plan fit one GPU's memory budget
+    (train.distributed auto picks FSDP when they do not)."""
+    quant = ctx.cfg.quantization
+    config = base_config(ctx.cfg.model, resolved)
+    element_bytes = resolve_compute_dtype(quant.compute_dtype).itemsize
+    bits = (4.127 if quant.double_quant else 4.5) if quant.load_in_4bit else 8.5 if quant.load_in_8bit else 8.0 * element_bytes
+    need = leanest_plan_bytes(
+        ModelDims.from_config(config), ctx.cfg.data.max_seq_len, weight_bits=bits,
+        tied=bool(getattr(config, "tie_word_embeddings", False)), lora_r=ctx.cfg.lora.r, element_bytes=element_bytes,
+    )
+    fits = budget_gib is None or need <= budget_gib * GIB
+    log.info("the leanest plan on one GPU needs %.1f GiB of %s: %s", need / GIB, f"{budget_gib:.1f} GiB" if budget_gib else "no limit",
+             "data-parallel (ddp)" if fits else "sharded (fsdp)")
+    return fits
+
+
 def run(ctx: StageContext) -> dict:
     """Train the adapter; on several ranks (train.num_gpus), relaunch under torchrun and wait.
 
@@ -130,18 +148,20 @@ def run(ctx: StageContext) -> dict:
     experiment_id = tracking.setup(paths, cfg.tracking.experiment) if main else None
     options = resolve_options(cfg.train)  # a fast-path switch forced on where this machine lacks it fails here
     resolved, tokenizer = base_tokenizer(ctx)  # also fills the model cache before the ranks read it
+    how = distributed.strategy(cfg.train, ranks, lambda: _fits_one_gpu(ctx, resolved, options.memory_budget_gib))
+    sharded = how == "fsdp"
     checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
     if ranks > 1 and not distributed.launched():
         with one_training_per_checkpoint(checkpoint_dir):  # held for the ranks, which do not take it
             try:
-                distributed.launch(ctx.cli_args("train"), ranks, paths.root)
+                distributed.launch(ctx.cli_args("train"), ranks, paths.root, how)
             except DistributedError as exc:  # rank 0 recorded its own symptom; the cause is this
                 _record_rank_failure(checkpoint_dir, str(exc))
                 raise
         return json.loads(paths.train_metrics.read_text())
     train_ds = load_prepared(paths.prepared, "train")
     eval_ds = load_prepared(paths.prepared, "eval") if cfg.train.eval_steps else None
-    model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer))
+    model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer), sharded=sharded)
     set_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter start (every rank)
     model = apply_lora(model, cfg.lora)
     collator = make_collator(tokenizer, cfg.data.packing, cfg.data.max_seq_len, padding_free=options.padding_free)
@@ -150,7 +170,10 @@ def run(ctx: StageContext) -> dict:
     train_cfg = distributed.per_rank(cfg.train, ranks)
     compute_dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
     if not main:  # rank > 0: trains its share; rank 0 keeps the records and writes the outputs
-        train_adapter(model, tokenizer, train_ds, collator, train_cfg, checkpoint_dir, compute_dtype, eval_dataset=eval_ds, eval_collator=eval_collator)
+        train_adapter(
+            model, tokenizer, train_ds, collator, train_cfg, checkpoint_dir, compute_dtype, eval_dataset=eval_ds,
+            eval_collator=eval_collator, sharded=sharded,
+        )
         return {}
 
     with contextlib.nullcontext() if distributed.launched() else one_training_per_checkpoint(checkpoint_dir):
@@ -191,6 +214,7 @@ def run(ctx: StageContext) -> dict:
                 callbacks=[tracking.metrics_callback(resume_run_id)],
                 eval_dataset=eval_ds,
                 eval_collator=eval_collator,
+                sharded=sharded,
             )
             summary = {
                 "train_loss": result.train_loss,
@@ -204,6 +228,7 @@ def run(ctx: StageContext) -> dict:
                 summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss)
             if result.plan:  # what trained, where the fast path changed params (core/fast/)
                 result.plan["ranks"] = ranks  # global batch: micro_batch_size x gradient_accumulation_steps x ranks
+                result.plan["distributed"] = how
                 write_json_atomic(checkpoint_dir / PLAN, result.plan)
             elif (checkpoint_dir / PLAN).is_file():  # nothing left to train: the plan the training ran with
                 result.plan = json.loads((checkpoint_dir / PLAN).read_text())
@@ -215,7 +240,8 @@ def run(ctx: StageContext) -> dict:
                 mlflow.set_tag("resumed_from", Path(result.resumed_from).name)
 
             with atomic_dir(paths.adapter) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
+                # After FSDP the model holds shards: the adapter gathered whole (train_adapter) is saved.
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=result.adapter_state)
                 tokenizer.save_pretrained(tmp)
                 tracking.write_run_info(paths, run_id, run.info.experiment_id, target=tmp / "run.json", checkpoint_dir=checkpoint_dir)
             write_json_atomic(paths.train_metrics, summary)

@@ -85,6 +85,12 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
     if name is None:
         return None
     base_layer = self.base_layer
+    if getattr(base_layer.weight, "quant_state", None) is None and getattr(base_layer, "quant_state", None) is not None:
+        # FSDP2 gathers a sharded 4-bit weight as a plain tensor; bitsandbytes' own forward re-attaches
+        # the quantization state the module keeps, and so does this one.
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base_layer)
     weight = base_layer.weight
     quant_state = getattr(weight, "quant_state", None)
     if weight.requires_grad or (base_layer.bias is not None and base_layer.bias.requires_grad):

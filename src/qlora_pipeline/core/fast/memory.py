@@ -242,6 +242,24 @@ def plan_memory(
     )
 
 
+def leanest_plan_bytes(dims: ModelDims, seq_len: int, *, weight_bits: float, tied: bool, lora_r: int, element_bytes: float = 2.0) -> float:
+    """Peak memory of the leanest plan for a whole model on one device: one seq_len row per
+    micro-batch, every decoder layer recomputed, no fused kernels. Decides whether a model needs
+    sharding (train.distributed auto).
+
+    weight_bits: bits per linear-layer weight as stored: 4.127 for NF4 with double quantization (the
+    QLoRA paper, Dettmers et al. 2023, section 2: 0.127 bits of constants per weight), 4.5 without
+    (a float32 absmax per 64 weights), 8.5 for LLM.int8, 16 for bf16. tied: head shares the embedding.
+    The adapter (r x (in + out) per linear layer) counts 16 bytes per parameter: float32 weight,
+    gradient and AdamW's two states.
+    """
+    d, f, q, kv = dims.hidden, dims.ffn, dims.q_dim, dims.kv_dim
+    linear = dims.num_layers * (2 * d * q + 2 * d * kv + 3 * d * f)
+    weights = linear * weight_bits / 8 + dims.vocab * d * element_bytes * (1 if tied else 2)
+    adapter = dims.num_layers * lora_r * ((d + q) * 2 + (d + kv) * 2 + 2 * (d + f) + (f + d))
+    return estimate_peak_bytes(dims, seq_len, dims.num_layers, weights + 16.0 * adapter, liger=False, lora_dropout=0.0, element_bytes=element_bytes)
+
+
 def static_training_bytes(model: nn.Module) -> float:
     """Bytes held through every step: the trainable parameters' grads and AdamW's two states, plus on
     a GPU the model as allocated now (on a CPU it is already in the RSS that the budget leaves out)."""

@@ -133,3 +133,15 @@ def test_square_layer_in_another_layout_fails(gpt2_dir, tmp_path):
     base.save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(MergeError, match="not in GPT2LMHeadModel's layout: transformer.h.1.attn.c_proj is Linear, GPT2LMHeadModel has Conv1D"):
         check_saved(tmp_path, base)
+
+
+def test_float32_4bit_matmuls_stay_float32_on_any_cpu(adapter_dir):
+    """On CPUs with AVX512-BF16, bitsandbytes would repack 4-bit weights at the first eval forward
+    and multiply in bf16, so evaluation and the merge check would differ by machine."""
+    cfg, resolved, _ = adapter_dir
+    model = load_base_model(cfg.model, cfg.quantization, resolved).eval()
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    with torch.no_grad():
+        model(input_ids=_ids())
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)

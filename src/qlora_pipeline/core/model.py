@@ -162,6 +162,8 @@ def load_base_model(
         if resolved.is_local:
             raise ModelError(f"model.name: cannot load weights from {resolved.path}: {exc}") from None
         raise _hub_error(resolved, exc) from None
+    if compute_dtype == torch.float32:
+        keep_float32_cpu_matmuls(model)
     rows = model.get_input_embeddings().num_embeddings
     if vocab_size is not None and vocab_size > rows:
         # The vocabulary never grows (no pad token is ever added), so this is a mismatched tokenizer.
@@ -170,6 +172,22 @@ def load_base_model(
             "the tokenizer and the weights must come from the same model"
         )
     return model
+
+
+def keep_float32_cpu_matmuls(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers on their float32 matmul on CPUs with AVX512-BF16.
+
+    On such CPUs bitsandbytes (0.50) repacks a 4-bit weight at the first no-grad forward in eval
+    mode and multiplies in bf16 from then on: evaluation and the merge check would then depend on the
+    machine (0.2% of the logits on the tiny model, more than register.merge_tolerance allows). With
+    compute_dtype float32 the matmuls stay float32 everywhere. Returns the layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def base_config(cfg: ModelConfig, resolved: ResolvedModel):

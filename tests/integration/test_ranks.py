@@ -109,7 +109,7 @@ def test_the_rerun_resumes_from_the_last_complete_checkpoint(two_ranks, mlflow_s
     from mlflow import MlflowClient
 
     log = two_ranks["log"]
-    assert "training on 2 ranks (CPU processes, gloo)" in log
+    assert "training on 2 ranks (CPU processes, gloo, ddp)" in log
     assert "resuming from" in log and two_ranks["last_checkpoint"] in log
     assert log.count(f"training step {STEPS}/{STEPS}") == 1  # progress from rank 0 alone
     client = MlflowClient(tracking_uri=mlflow_server)

@@ -1,7 +1,9 @@
 """Several GPUs, checked with the pipeline's own core: DDP and FSDP2 against one GPU, a killed rank
 resumed, and the merge of an adapter trained sharded. Without MLflow/DVC/Prefect (the GPU machine
 has none of them): the functions the train stage calls, each run under torchrun as the stage
-relaunches itself (distributed.launch).
+relaunches itself (distributed.launch). On a machine with one GPU, --ranks 1 runs the sharded runs
+as FSDP2 at world size 1: the same Trainer/accelerate path, 4-bit storage, checkpoints and resume,
+without the traffic between GPUs.
 
     PYTHONPATH=$PWD/src python benchmarks/gpu_fsdp_check.py --out $OUT/gpu_fsdp_check.json
     PYTHONPATH=src python benchmarks/gpu_fsdp_check.py --cpu --out /tmp/fsdp_check.json  # CPU: DDP only
@@ -12,7 +14,7 @@ accumulation 2 on one rank, 4 x 1 on each of two), LoRA dropout 0 so ranks draw 
   ddp          2 ranks, DDP
   fsdp         2 ranks, FSDP2 (4-bit weights stored in bf16, sharded), fast path as configured (auto)
   fsdp_plain   2 ranks, FSDP2 with plain peft layers (no liger, no fused LoRA)
-  fsdp_killed  2 ranks, FSDP2, rank 1 SIGKILLs itself right after the checkpoint at step 8
+  fsdp_killed  2 ranks, FSDP2, the last rank SIGKILLs itself right after the checkpoint at step 8
   fsdp_resumed the same command again: resumes from checkpoint-8 and finishes
 Checks: per-step losses of each 2-rank run against `one`; the checkpoint-8 adapter written by the
 killed run holds every LoRA tensor at full shape; the resumed run's steps 9..12 and final adapter
@@ -98,7 +100,7 @@ def rank_main(spec: dict) -> None:
     work = Path(spec["work"])
     cfg = validate_params(params(Path(spec["model_dir"]), **spec.get("train", {})))
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    how = distributed.strategy(cfg.train, ranks)
+    how = spec.get("how") or distributed.strategy(cfg.train, ranks)  # fsdp also at world size 1 (one GPU)
     sharded = how == "fsdp"
     resolved = resolve_model(cfg.model, work / "cache")
     tokenizer = load_tokenizer(cfg.model, resolved)
@@ -108,7 +110,7 @@ def rank_main(spec: dict) -> None:
     model = load_base_model(cfg.model, cfg.quantization, resolved, sharded=sharded)
     set_seed(cfg.train.seed)
     model = apply_lora(model, cfg.lora)
-    callbacks = [KillAfterSave(KILL_AT)] if spec.get("kill") and distributed.rank() == 1 else []
+    callbacks = [KillAfterSave(KILL_AT)] if spec.get("kill") and int(os.environ.get("RANK", "0")) == ranks - 1 else []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -188,6 +190,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="the summary JSON (required)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qlora-fsdp-check"))
     parser.add_argument("--cpu", action="store_true", help="CPU ranks (gloo): one and ddp only")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the sharded runs; 1 on a one-GPU machine (FSDP2 at world size 1)")
     parser.add_argument("--timeout-s", type=float, default=240)
     parser.add_argument("--rank", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,12 +213,14 @@ def main() -> int:
 
     go = dict(work=args.work, model_dir=model_dir, timeout_s=args.timeout_s)
     one = record(launch("one", 1, checkpoints="ckpt-one", **go))
-    record(launch("ddp", 2, checkpoints="ckpt-ddp", how="ddp", **go))
+    n = args.ranks
+    if n > 1:
+        record(launch("ddp", n, checkpoints="ckpt-ddp", how="ddp", **go))
     if not args.cpu:
-        record(launch("fsdp", 2, checkpoints="ckpt-fsdp", how="fsdp", **go))
-        record(launch("fsdp_plain", 2, checkpoints="ckpt-fsdp-plain", how="fsdp", train={"use_liger": False, "fused_lora": False}, **go))
-        killed = record(launch("fsdp_killed", 2, checkpoints="ckpt-fsdp-kill", how="fsdp", kill=True, **go))
-        resumed = record(launch("fsdp_resumed", 2, checkpoints="ckpt-fsdp-kill", how="fsdp", **go))
+        record(launch("fsdp", n, checkpoints="ckpt-fsdp", how="fsdp", **go))
+        record(launch("fsdp_plain", n, checkpoints="ckpt-fsdp-plain", how="fsdp", train={"use_liger": False, "fused_lora": False}, **go))
+        killed = record(launch("fsdp_killed", n, checkpoints="ckpt-fsdp-kill", how="fsdp", kill=True, **go))
+        resumed = record(launch("fsdp_resumed", n, checkpoints="ckpt-fsdp-kill", how="fsdp", **go))
         checkpoint = args.work / "ckpt-fsdp-kill" / f"checkpoint-{KILL_AT}"
         checks = summary["checks"] = {"killed_exit": killed["exit"], "resumed_from": resumed.get("resumed_from")}
         if (checkpoint / "adapter_model.safetensors").is_file() and "adapter" in one:

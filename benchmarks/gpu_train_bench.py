@@ -171,7 +171,8 @@ def setup_recipe(model, spec: dict[str, Any]):
         model = apply_lora(model, lora_settings(dropout))
         if recipe == "plain":  # every decoder layer recomputed, as transformers' gradient checkpointing
             set_checkpointed_layers(model, len(decoder_layers(model)))
-        return model, batch, 1, collate_padded, None
+        micro = spec.get("micro") or batch  # a smaller micro-batch with accumulation: the same step, less memory
+        return model, micro, batch // micro, collate_padded, None
     # fast, fast_max, fast_compiled*: the pipeline's own call (core/train.py makes the same one)
     on_gpu = spec["device"] == "cuda"
     cfg = TrainConfig(

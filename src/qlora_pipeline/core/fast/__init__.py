@@ -75,7 +75,8 @@ from qlora_pipeline.core.fast.layers import (
     unfuse_lora,
 )
 from qlora_pipeline.core.fast.memory import (
-    GPU_MODEL_FLOPS_PER_S,
+    GPU_HALF_RATE_TOKENS,
+    GPU_PEAK_MODEL_FLOPS_PER_S,
     HOST_S_PER_LAYER_PASS,
     HOST_S_PER_LAYER_PASS_COMPILED,
     MEMORY_MARGIN,
@@ -124,7 +125,7 @@ __all__ = [
     "GIB", "FastOptions", "available_ram_bytes", "compile_available", "default_cpu_memory_budget_gib",
     "default_memory_budget_gib", "liger_available", "resolve_options", "resolve_switch",
     # memory
-    "GPU_MODEL_FLOPS_PER_S", "HOST_S_PER_LAYER_PASS", "HOST_S_PER_LAYER_PASS_COMPILED", "MEMORY_MARGIN",
+    "GPU_HALF_RATE_TOKENS", "GPU_PEAK_MODEL_FLOPS_PER_S", "HOST_S_PER_LAYER_PASS", "HOST_S_PER_LAYER_PASS_COMPILED", "MEMORY_MARGIN",
     "RECOMPUTE_COST", "MemoryPlan", "ModelDims", "decoder_layers", "estimate_peak_bytes",
     "layer_activation_bytes", "model_flops_per_token", "plan_memory", "set_checkpointed_layers",
     "static_training_bytes", "step_seconds", "unwrap",

@@ -15,11 +15,18 @@ from qlora_pipeline.core.fast.options import GIB, _cuda
 
 # Cost model for choosing micro-batch and recomputed layers, calibrated on an H200 with the 8B shape
 # (benchmarks/results/explore_fused_8b_h200.json, gpu_train_bench_h200.json): a step is GPU-bound or
-# host-bound, whichever is longer. GPU: 4 x 2048 tokens without recompute took 0.555 s -> 8192 * 31.6e9
-# FLOP / 0.555 s = 466 TFLOP/s of model FLOPs; recomputing all 32 layers (down_proj's frozen matmul
-# skipped, see layers._lora_tail_forward) made it 0.74 s -> RECOMPUTE_COST = 0.74 / 0.555 - 1 = 0.33.
-GPU_MODEL_FLOPS_PER_S = 466e12
+# host-bound, whichever is longer. GPU: recomputing all 32 layers of 4 x 2048 tokens (down_proj's
+# frozen matmul skipped, see layers._lora_tail_forward) took 0.74 s against 0.555 s without ->
+# RECOMPUTE_COST = 0.74 / 0.555 - 1 = 0.33.
 RECOMPUTE_COST = 0.33
+# The GPU's rate of model FLOPs grows with the tokens of a micro-batch (bigger matmuls, fewer launches
+# per token): 8B without recompute, 4 x 2048 tokens took 0.542 s and 2 x 2048 0.341 s per micro-batch
+# (benchmarks/results/gpu_plan_table_h200_8b.json), i.e. 484 and 401 TFLOP/s once the host's share
+# (below) is taken out. rate(t) = peak * t / (t + T0) fits both with T0 = 2,139 tokens and peak =
+# 610 TFLOP/s. A rate that did not depend on t (466 TFLOP/s) made the plan take 2 x 2048 without
+# recompute over 4 x 2048 with some, which measured slower.
+GPU_PEAK_MODEL_FLOPS_PER_S = 610e12
+GPU_HALF_RATE_TOKENS = 2139
 # Host: 1 x 128 tokens (next to nothing for the GPU) took 0.22 s without and 0.35 s with recompute
 # (explore_group_8b_h200.json), i.e. the Python of transformers, liger, the LoRA nodes and autograd:
 # 0.22 s / (32 layers * 2 passes) = 3.4 ms per layer and pass, and a recomputed layer costs about a
@@ -108,7 +115,8 @@ def step_seconds(dims: ModelDims, tokens: int, seq_len: int, checkpoint_layers: 
     """Estimated time of one micro-batch: the longer of GPU and host time, plus part of the shorter
     (they overlap less the closer they are)."""
     share = checkpoint_layers / dims.num_layers
-    gpu = tokens * model_flops_per_token(dims, seq_len) * (1 + RECOMPUTE_COST * share) / GPU_MODEL_FLOPS_PER_S
+    rate = GPU_PEAK_MODEL_FLOPS_PER_S * tokens / (tokens + GPU_HALF_RATE_TOKENS)
+    gpu = tokens * model_flops_per_token(dims, seq_len) * (1 + RECOMPUTE_COST * share) / rate
     per_pass = HOST_S_PER_LAYER_PASS_COMPILED if compiled else HOST_S_PER_LAYER_PASS
     host = dims.num_layers * per_pass * 2 * (1 + share)
     longer, shorter = max(gpu, host), min(gpu, host)

@@ -4,6 +4,7 @@
 # make exps    - compare experiments: quality metrics and what changed (dvc exp show)
 # make test    - the test suite (unit + integration with real DVC, MLflow and Prefect servers)
 # make stack-up / stack-down - the team stack on this machine: PostgreSQL, S3 (SeaweedFS), MLflow, Prefect
+# make image   - the worker image (Dockerfile) with podman or docker; make base-image: a local base
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ SHORT_SCHEDULE := $(shell sed -n "s/^\([a-z_]*\.[a-z_]*\): *\(.*\)$$/-S '\1=\2'/
 DEMO_SET ?= -S model.name=$(DEMO_MODEL) -S register.model_name=qlora-demo $(SHORT_SCHEDULE)
 DEMO_ASK ?= "Record the contact." "Hello from Lyon, this is Ines Moreau."
 
-.PHONY: setup models demo data exps test test-fast ui mlflow-server prefect-server deploy worker stack-up stack-down clean
+.PHONY: setup models demo data exps test test-fast ui mlflow-server prefect-server deploy worker stack-up stack-down image base-image clean
 
 setup: $(VENV)/.installed
 
@@ -76,6 +77,24 @@ stack-up: setup
 
 stack-down:
 	$(PY) scripts/stack.py down --dir $(STACK_DIR)
+
+# The worker image (docs/prefect.md, "Building the image"). ENGINE: podman (first found) or docker.
+# TORCH=cpu with TORCH_SPEC (a wheel file under a --volume in IMAGE_ARGS) checks the build on a CPU
+# box; BASE_IMAGE=localhost/qlora-base:bookworm after `make base-image` where no registry answers.
+ENGINE ?= $(shell command -v podman || command -v docker)
+IMAGE ?= qlora-worker:latest
+BASE_IMAGE ?= python:3.11-slim-bookworm
+TORCH ?= cuda
+# the uid of the checkout's owner: a container that mounts it writes there (root's 0 cannot be reused)
+QLORA_UID ?= 1000
+IMAGE_ARGS ?=
+image:
+	$(ENGINE) build $(if $(findstring podman,$(ENGINE)),--format docker) -t $(IMAGE) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH=$(TORCH) \
+	  $(if $(TORCH_SPEC),--build-arg TORCH_SPEC=$(TORCH_SPEC)) --build-arg QLORA_UID=$(QLORA_UID) $(IMAGE_ARGS) .
+
+base-image:
+	bash docker/base-image.sh localhost/qlora-base:bookworm
 
 clean:
 	rm -rf data/prepared models metrics plots reports checkpoints .cache

@@ -65,6 +65,20 @@ def docker_job_variables(project_on_host: str, gpu_limit: str) -> dict[str, Any]
     }
 
 
+def run_in_directory(deployment_id, directory: str) -> None:
+    """Flow runs start in `directory` itself (the mounted checkout), through a pull step.
+
+    Without one, Prefect copies the container's working directory into a temporary folder for each
+    flow run and runs there: the run's DVC cache, MLflow store and saved experiment would go with
+    the container.
+    """
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    step = {"prefect.deployments.steps.set_working_directory": {"directory": directory}}
+    with get_client(sync_client=True) as client:
+        client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=[step]))
+
+
 def heartbeat_env() -> dict[str, str]:
     """Flow runs send heartbeats as often as the crash automation expects them."""
     return {prefect_env.HEARTBEAT_ENV: str(prefect_env.HEARTBEAT_S)}
@@ -174,8 +188,8 @@ def deploy(
         if docker_image:
             require_docker_pool(pool)
             variables = docker_job_variables(project_on_host or str(PROJECT), gpu_limit or gpu_limit_name())
-            # No storage: the flow file is read from the image's WORKDIR (the mounted checkout).
             deployment_id = qlora_pipeline.deploy(image=docker_image, build=False, push=False, job_variables=variables, **common)
+            run_in_directory(deployment_id, IMAGE_WORKDIR)
         else:
             ensure_process_pool(pool)
             source = qlora_pipeline.from_source(source=str(PROJECT), entrypoint=ENTRYPOINT)

@@ -45,7 +45,8 @@ def reuse_earlier_outputs(ws: Workspace, candidates: int = REUSE_CANDIDATES) -> 
         leading = _try_lock(ws, source, own, order)
         if leading and (best is None or leading > best[0]):
             best = (leading, source)
-        if best and best[0] >= len(order) - 1:  # the last stage (register) always runs
+        # the training is reused: good enough to stop looking (register, if not up to date, only re-merges)
+        if best and best[0] >= len(order) - 1:
             break
     if best is None:
         if own is not None:

@@ -106,6 +106,8 @@ def _render(record: RunRecord) -> str:
         else:
             champion = reg.get("champion_version")
             verdict = f"**not promoted** (champion stays v{champion})" if champion else "**not promoted**"
+        if "register" in record.reused_stages:  # the record is the earlier run's, restored with its outputs
+            verdict += " by the earlier run with the same inputs; this run registered nothing"
         lines += ["## Registered model", "", f"- Version: {version_link}, alias `challenger`; {verdict}"]
         if reg.get("reason"):
             lines.append(f"- Gate: {reg['reason']}")

@@ -266,7 +266,7 @@ def write_params(ws: Workspace, overrides: dict[str, Any]) -> None:
 
 
 def uncached_outputs(ws: Workspace) -> list[str]:
-    """Outputs dvc.yaml marks `cache: false` (metrics, plots, reports, the merged model)."""
+    """Outputs dvc.yaml marks `cache: false` (metrics, plots, reports)."""
     stages = (yaml.safe_load((ws.path / "dvc.yaml").read_text()) or {}).get("stages", {})
     found = []
     for stage in stages.values():

@@ -3,7 +3,7 @@
 Each run trains the built-in tiny model for a few steps in a copy of the repo, tracking to the
 project's default local MLflow store. Each run gets its own train.seed, so it trains (and
 registers) a model of its own, while its prepare stage reuses an earlier run's outputs; one rerun
-with the first run's params reuses everything but register.
+with the first run's params reuses every stage, the merged model too, and runs none.
 """
 
 from __future__ import annotations
@@ -114,13 +114,12 @@ def test_a_rerun_with_the_same_inputs_reuses_the_outputs_and_registers_nothing_n
     [artifact] = artifacts(flow_run.id)
     text = artifact.data
     assert f"Reused from DVC experiment `{first.name}-{str(first.id)[:8]}`" in text
-    assert "prepare, train, evaluate" in text
-    for stage in ("prepare", "train", "evaluate"):
+    assert "prepare, train, evaluate, register" in text
+    for stage in ("prepare", "train", "evaluate", "register"):
         assert f"| {stage} | up to date |" in text, text
-    assert "| register | ran |" in text
-    assert "Running stage 'train'" not in flow_logs(flow_run.id)
-    assert versions(prefect_env) == before  # register found the version of that training run
-    assert "already `champion`" in text
+    assert "Running stage" not in flow_logs(flow_run.id)
+    assert versions(prefect_env) == before
+    assert "promoted to `champion`** by the earlier run with the same inputs; this run registered nothing" in text
 
 
 def test_broken_parameter_fails_with_the_validation_message(prefect_env):

@@ -7,6 +7,8 @@ with a worker. The pipeline runs against them, and each server fails once while 
 - the object store is down for `dvc push`: a clear error; pushed once it is back;
 - wrong MLflow or S3 credentials: a clear error, and nothing is written.
 
+A fresh clone's `dvc pull` then restores data, adapter and merged model, and `dvc repro` there runs nothing.
+
 One stack and one project for the module; the tests run in file order and build on each other.
 Without PostgreSQL's server or the `team`/`stack` extras the module is skipped, saying what is
 missing (QLORA_REQUIRE_STACK=1, as CI sets it where it installed PostgreSQL, fails instead).
@@ -321,12 +323,19 @@ def test_a_fresh_clone_pulls_what_the_run_made(stack, team, tmp_path):
     env = project_env(clone, **{k: v for k, v in team.env.items() if k.startswith("MLFLOW_")})
     stack.configure_dvc_remote(clone, env=env)  # a teammate's `python scripts/stack.py dvc-remote`
     run(["dvc", "pull"], clone, env, timeout=300)
-    for rel in ("data/raw", "data/prepared", "models/adapter"):
+    for rel in ("data/raw", "data/prepared", "models/adapter", "models/merged"):
         assert tree_digest(clone / rel) == tree_digest(team.project / rel), rel
-    # The merged model is not DVC-cached (dvc.yaml: `cache: false`; its copy is the registered version in S3):
-    # prepare, train and evaluate are up to date, register alone would run (and register nothing new).
-    status = json.loads(run(["dvc", "status", "--json"], clone, env).stdout or "{}")
-    assert status == {"register": [{"changed outs": {"models/merged": "deleted"}}]}, status
+    assert (clone / "models" / "merged" / "model.safetensors").is_file()
+    # every stage is up to date: a `dvc repro` there runs nothing, registers nothing
+    assert json.loads(run(["dvc", "status", "--json"], clone, env).stdout or "{}") == {}
+    before = {v.version for v in versions(stack)}
+    repro = run(["dvc", "repro"], clone, env, timeout=300)
+    out = repro.stdout + repro.stderr
+    assert "Running stage" not in out and "Data and pipelines are up to date." in out, out[-2000:]
+    for stage in ("prepare", "train", "evaluate", "register"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out[-2000:]
+    assert {v.version for v in versions(stack)} == before
+    assert run(["git", "status", "--porcelain"], clone, env).stdout == ""  # dvc.lock untouched
 
 
 # ---- Prefect on PostgreSQL ------------------------------------------------------------------------

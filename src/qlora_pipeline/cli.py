@@ -59,7 +59,8 @@ QUIET_ENV = {
 # Single messages, by the logger that emits them; the rest of what these loggers say still shows.
 QUIET_MESSAGES = {
     # A local model has no hub card or license to fetch; MLflow says so for every logged model.
-    "mlflow.transformers": ("The model card could not be retrieved", "Unable to find license information"),
+    # ... and, loading a registered model, "'models:/name@alias' resolved as '<artifact URI>'".
+    "mlflow.transformers": ("The model card could not be retrieved", "Unable to find license information", "'models:/", "'runs:/"),
     # CPUs with AVX512-BF16, once per process: an optional kernel fetched from the hub, out of reach offline.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
 }

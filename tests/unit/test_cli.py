@@ -62,3 +62,27 @@ def test_a_full_disk_is_recognised_however_it_is_wrapped(exc, full):
 )
 def test_which_parents_a_stage_ends_with(cmdline, expected):
     assert _is_orchestrator(cmdline) is expected
+
+
+@pytest.mark.parametrize(
+    "commit, shown",
+    [("0123456789abcdef0123456789abcdef01234567", "0123456789ab"),
+     ("0123456789abcdef0123456789abcdef01234567-dirty", "0123456789ab-dirty"), ("", "")],
+)
+def test_versions_keep_a_dirty_commit_dirty(commit, shown):
+    from qlora_pipeline.stages.registry import short_commit
+
+    assert short_commit(commit) == shown
+
+
+def test_loading_a_registered_model_does_not_print_where_the_alias_resolved(caplog):
+    import logging
+
+    from qlora_pipeline.cli import _silence_third_party
+
+    _silence_third_party()
+    logger = logging.getLogger("mlflow.transformers")
+    with caplog.at_level(logging.INFO, logger="mlflow.transformers"):
+        logger.info("'%s' resolved as '%s'", "models:/qlora-demo@champion", "mlflow-artifacts:/1/models/m-1/artifacts")
+        logger.info("a message that stays")
+    assert [r.getMessage() for r in caplog.records] == ["a message that stays"]

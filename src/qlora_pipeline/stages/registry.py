@@ -61,10 +61,16 @@ def version_rows(ctx: StageContext, name: str) -> list[dict]:
             "gate": tags.get("gate", ""),
             "base_model": tags.get("base_model", ""),
             "dvc_experiment": tags.get("dvc_experiment", ""),
-            "git_commit": tags.get("git_commit", "")[:12],
+            "git_commit": short_commit(tags.get("git_commit", "")),
             "run_id": mv.run_id,
         })
     return sorted(rows, key=lambda r: -r["version"])
+
+
+def short_commit(commit: str) -> str:
+    """A commit as a table shows it: 12 hex digits, and `-dirty` kept (tracked files differed from it)."""
+    dirty = commit.endswith("-dirty")
+    return commit.removesuffix("-dirty")[:12] + ("-dirty" if dirty else "")
 
 
 def _number(text: str | None) -> float | None:

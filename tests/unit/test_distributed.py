@@ -77,3 +77,14 @@ def test_the_leanest_plan_says_which_cards_a_model_needs_sharding_on(shape, bits
     need_gib = leanest_plan_bytes(dims, 2048, weight_bits=bits, tied=False, lora_r=16) / 2**30
     too_small, enough = fits_gib
     assert too_small < need_gib < enough
+
+
+def test_fsdp_training_arguments_shard_each_decoder_layer_and_checkpoint_the_whole_adapter(tmp_path):
+    from qlora_pipeline.config import TrainConfig
+    from qlora_pipeline.core.train import training_arguments
+
+    args = training_arguments(TrainConfig(), tmp_path, False, False, fsdp_layer_class="LlamaDecoderLayer")
+    assert args.fsdp_config["version"] == 2
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert args.fsdp_config["state_dict_type"] == "FULL_STATE_DICT"  # every checkpoint: the whole adapter, safetensors
+    assert not training_arguments(TrainConfig(), tmp_path, False, False).fsdp

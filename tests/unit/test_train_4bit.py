@@ -78,3 +78,34 @@ def test_target_modules_that_match_nothing_fail_clearly(tiny_model, tiny_cfg):
     _, _, model = tiny_model
     with pytest.raises(ConfigError, match=r"lora.target_modules: \['c_attn'\] match no linear layer.*q_proj"):
         apply_lora(model, cfg.lora)
+
+
+def test_4bit_weights_stored_in_the_compute_dtype_train_the_same(tiny_cache, tiny_cfg, tmp_path):
+    """FSDP shards the 4-bit weights only stored as floats (train.distributed fsdp loads them so):
+    the bits and so the training are the same as with uint8 storage."""
+    from qlora_pipeline.core.data.tokens import ensure_pad_token
+    from qlora_pipeline.core.model import load_base_model, load_tokenizer, resolve_model
+    from qlora_pipeline.core.train import gather_trainable
+    from transformers import set_seed
+
+    cfg = tiny_cfg("train.max_steps=4")
+    resolved = resolve_model(cfg.model, tiny_cache)
+    tokenizer = load_tokenizer(cfg.model, resolved)
+    ensure_pad_token(tokenizer)
+    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    runs = {}
+    for sharded in (False, True):
+        model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer), sharded=sharded)
+        storage = {m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+        assert storage == ({dtype} if sharded else {torch.uint8})
+        set_seed(cfg.train.seed)
+        model = apply_lora(model, cfg.lora)
+        result = train_adapter(
+            model, tokenizer, tiny_dataset(tokenizer), make_collator(tokenizer, False, 64), cfg.train,
+            tmp_path / f"ckpt-{sharded}", dtype,
+        )
+        runs[sharded] = ([row["loss"] for row in result.history], gather_trainable(model))
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1].keys() == runs[False][1].keys() and all(
+        torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[False][1]
+    )

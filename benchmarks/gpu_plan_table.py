@@ -46,11 +46,14 @@ def main() -> int:
                 warmup=args.warmup, steps=args.steps, lr=2e-4, seed=SEED, lora_dropout=LORA["dropout"])
     summary: dict = {"command": "python benchmarks/gpu_plan_table.py " + " ".join(sys.argv[1:]), "fast": [], "plain": []}
 
+    commands, measured_on = [], {}
     for earlier in args.earlier:  # runs split over several calls (a call's time limit)
         prior = json.loads(earlier.read_text())
         summary["fast"] += prior.get("fast", [])
         summary["plain"] += prior.get("plain", [])
-        summary["command"] = prior["command"] + " ; " + summary["command"]
+        commands.append(prior["command"])
+        measured_on = measured_on or {k: v for k, v in prior.items() if k not in ("command", "fast", "plain", "table")}
+    summary["command"] = " ; ".join([*commands, summary["command"]])
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +84,7 @@ def main() -> int:
             "fast_over_plain": round(fast["tokens_per_s"] / plain["tokens_per_s"], 2) if plain and "tokens_per_s" in fast else None,
         })
     summary["table"] = rows
-    summary.update(environment(args.device))
+    summary.update(measured_on or environment(args.device))  # the GPU machine's versions, not the combining one's
     save()
     print("| budget | fast tokens/s | fast peak GiB | fast plan | plain's best that fits | plain tokens/s | plain peak GiB | fast / plain |")
     print("|---|---|---|---|---|---|---|---|")

@@ -307,7 +307,9 @@ class Stack:
         p = self.ports
         cmd = [weed_bin(), "server", f"-dir={folder / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
                f"-master.port={p['weed_master']}", f"-master.port.grpc={p['weed_master_grpc']}",
-               "-master.volumeSizeLimitMB=64", "-volume.max=16", "-volume.preStopSeconds=1",
+               # Volumes grow as written (none is preallocated): 64 of 1 GiB give each bucket room for
+               # several merged models (SmolLM2's is 269 MB) without reserving the disk.
+               "-master.volumeSizeLimitMB=1024", "-volume.max=64", "-volume.preStopSeconds=1",
                f"-volume.port={p['weed_volume']}", f"-volume.port.grpc={p['weed_volume_grpc']}",
                "-filer", f"-filer.port={p['weed_filer']}", f"-filer.port.grpc={p['weed_filer_grpc']}",
                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config}",
@@ -384,7 +386,12 @@ class Stack:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / "basic_auth.ini", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:  # no secret: the passwords come from the environment
-            fh.write("[mlflow]\ndefault_permission = READ\n"
+            # EDIT: every user of the team server may log to and register under any experiment and
+            # model; managing (delete, permissions) stays with a resource's creator and the admin.
+            # MLflow grants a creator MANAGE in a second write after creating a registered model: a
+            # server killed between the two left the name readable-only to everyone (403 on each
+            # retry) with READ as the default.
+            fh.write("[mlflow]\ndefault_permission = EDIT\n"
                      f"database_uri = {self.pg_url('mlflow', 'mlflow_auth', password=False)}\n"
                      "admin_username = admin\n"
                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
@@ -471,6 +478,9 @@ class Stack:
             out = subprocess.run([dvc, *args], cwd=project, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 raise StackError(f"dvc {args[0]} {args[1]} failed: {out.stderr.strip()[-500:]}")
+        local = project / ".dvc" / "config.local"  # holds the secret key: the owner's alone
+        if local.exists():
+            local.chmod(0o600)
 
     # ---- processes ----------------------------------------------------------------------------
 

@@ -211,7 +211,7 @@ class TrainConfig(_Section):
             raise ValueError("must be true, false, auto or a number of layers >= 0")
         return v
 
-    @field_validator("num_gpus")
+    @field_validator("num_gpus", mode="before")
     @classmethod
     def _rank_count(cls, v: int | str) -> int | str:
         if isinstance(v, bool) or (isinstance(v, int) and v < 1):
@@ -400,6 +400,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{key}: unknown key; allowed keys{' in ' + section if section else ''}: {', '.join(allowed)}"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
+    if not key:  # a rule across sections: the message names its keys
+        return msg
     return f"{key}: {msg}" if isinstance(got, dict) else f"{key}: {msg} (got {got!r})"
 
 

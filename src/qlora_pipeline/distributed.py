@@ -108,13 +108,20 @@ def strategy(cfg: TrainConfig, ranks: int, fits_one_gpu: Callable[[], bool] = la
     process's choice (STRATEGY_ENV).
 
     Raises:
-        ConfigError: fsdp asked for on a machine without CUDA GPUs (accelerate runs FSDP on CUDA only).
+        ConfigError: fsdp asked for on a machine without CUDA GPUs (accelerate runs FSDP on CUDA only),
+            or where only one rank would train (nothing to shard across).
     """
-    if ranks <= 1:
+    on_gpu = visible_gpus() > 0
+    if ranks <= 1 and cfg.distributed == "fsdp" and on_gpu:
+        raise ConfigError(
+            f"train.distributed is fsdp but one rank would train (train.num_gpus {cfg.num_gpus}, {visible_gpus()} GPU(s) "
+            "visible): FSDP shards the model across several GPUs; set train.distributed to auto or ddp here, or run "
+            "where two or more GPUs are visible"
+        )
+    if ranks <= 1 and cfg.distributed != "fsdp":
         return "single"
     if launched() and os.environ.get(STRATEGY_ENV) in ("ddp", "fsdp"):
         return os.environ[STRATEGY_ENV]
-    on_gpu = visible_gpus() > 0
     if cfg.distributed == "fsdp":
         if not on_gpu:
             raise ConfigError(

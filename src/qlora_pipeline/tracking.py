@@ -98,8 +98,8 @@ def access_refused(exc: BaseException, uri: str, experiment: str) -> str | None:
     with the same credentials fails the same way."""
     code, user, server = getattr(exc, "error_code", None), os.environ.get("MLFLOW_TRACKING_USERNAME"), _redacted(uri)
     if code == "UNAUTHENTICATED":
-        given = f"the user {user!r} and its password were" if user else "no credentials were"
-        return (f"MLflow tracking server {server} refused the credentials (401): {given} not accepted. Set MLFLOW_TRACKING_USERNAME "
+        given = f"the user {user!r} and its password were not accepted" if user else "none were given"
+        return (f"MLflow tracking server {server} refused the credentials (401): {given}. Set MLFLOW_TRACKING_USERNAME "
                 "and MLFLOW_TRACKING_PASSWORD to a user of that server (its admin creates users); nothing was written")
     if code == "PERMISSION_DENIED":
         return (f"MLflow tracking server {server} denied the user {user!r} access to experiment {experiment!r} (403). Ask the server's "

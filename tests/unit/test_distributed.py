@@ -53,8 +53,9 @@ def test_fsdp_without_a_gpu_is_refused_with_the_fix():
     from qlora_pipeline.config import TrainConfig
     from qlora_pipeline.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="FSDP runs on CUDA GPUs only.*set train.distributed to ddp or auto"):
-        distributed.strategy(TrainConfig(num_gpus=2, distributed="fsdp"), 2)
+    for ranks in (1, 2):  # num_gpus auto on a CPU machine is one rank: still refused, not run unsharded
+        with pytest.raises(ConfigError, match="FSDP runs on CUDA GPUs only.*set train.distributed to ddp or auto"):
+            distributed.strategy(TrainConfig(num_gpus="auto" if ranks == 1 else 2, distributed="fsdp"), ranks)
 
 
 @pytest.mark.parametrize(

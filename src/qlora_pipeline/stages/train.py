@@ -26,7 +26,7 @@ from qlora_pipeline.atomic import atomic_dir, write_json_atomic
 from qlora_pipeline.errors import DistributedError
 from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.data.store import load_prepared
-from qlora_pipeline.core.model import apply_lora, base_config, base_model_revision, load_base_model, resolve_compute_dtype
+from qlora_pipeline.core.model import apply_lora, base_config, base_model_revision, load_base_model, resolve_compute_dtype, resolve_model
 from qlora_pipeline.core.fast.memory import ModelDims, leanest_plan_bytes
 from qlora_pipeline.core.fast.options import GIB, resolve_options
 from qlora_pipeline.core.train import train_adapter
@@ -147,8 +147,10 @@ def run(ctx: StageContext) -> dict:
     main = distributed.is_main()
     experiment_id = tracking.setup(paths, cfg.tracking.experiment) if main else None
     options = resolve_options(cfg.train)  # a fast-path switch forced on where this machine lacks it fails here
+    how = distributed.strategy(  # fsdp where it cannot run fails here
+        cfg.train, ranks, lambda: _fits_one_gpu(ctx, resolve_model(cfg.model, paths.cache, paths.root), options.memory_budget_gib)
+    )
     resolved, tokenizer = base_tokenizer(ctx)  # also fills the model cache before the ranks read it
-    how = distributed.strategy(cfg.train, ranks, lambda: _fits_one_gpu(ctx, resolved, options.memory_budget_gib))
     sharded = how == "fsdp"
     checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
     if ranks > 1 and not distributed.launched():

@@ -134,22 +134,6 @@ def strategy(cfg: TrainConfig, ranks: int, fits_one_gpu: Callable[[], bool] = la
     return "ddp" if fits_one_gpu() else "fsdp"
 
 
-def gather_trainable(model) -> dict:
-    """The trainable parameters (the adapter) as full tensors on the CPU, gathered from FSDP2 shards.
-
-    Every rank must call it (each DTensor.full_tensor() is an all-gather); all get the full tensors.
-    Small: only LoRA weights travel, never the 4-bit base.
-    """
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            full = param.full_tensor() if isinstance(param, DTensor) else param
-            out[name] = full.detach().to("cpu", copy=True)
-    return out
-
-
 def per_rank(cfg: TrainConfig, ranks: int) -> TrainConfig:
     """The train config one of `ranks` ranks trains with: its share of the accumulation steps."""
     if ranks <= 1:

@@ -103,7 +103,8 @@ def _name_after_this_attempt(run, tags: dict[str, str]) -> None:
 
 def _record_rank_failure(checkpoint_dir: Path, message: str) -> None:
     """The failed ranks' cause on the training's MLflow run (`failure_reason`), where rank 0 left
-    only what it saw, such as a connection reset by the rank that died."""
+    only what it saw, such as a connection reset by the rank that died; the run FAILED if rank 0
+    could not end it."""
     info = checkpoint_dir / "mlflow_run.json"
     if not info.is_file():
         return
@@ -111,8 +112,12 @@ def _record_rank_failure(checkpoint_dir: Path, message: str) -> None:
         from mlflow import MlflowClient
 
         run_id = json.loads(info.read_text())["run_id"]
-        MlflowClient().set_tag(run_id, "failure_reason", message[:4000])
-        MlflowClient().set_tag(run_id, "stage.train.failure_reason", message[:4000])
+        client = MlflowClient()
+        client.set_tag(run_id, "failure_reason", message[:4000])
+        client.set_tag(run_id, "stage.train.failure_reason", message[:4000])
+        # Rank 0 ends its run when torchrun stops it; if it was killed before it could, end it here.
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
     except Exception as exc:  # noqa: BLE001 - the rank's error is the one to report
         log.warning("could not record the failure on the MLflow run (%s)", str(exc).splitlines()[0][:200])
 

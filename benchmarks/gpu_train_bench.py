@@ -24,6 +24,7 @@ Recipes (each in its own process, so patches and allocator state never leak betw
                 original* peak of this run (or --fast-budget-gib): liger, fused LoRA, padding-free
                 packed batches with varlen (or cuDNN) attention, planned checkpointing and micro-batch
   fast_bits     fast with train.dropout_mask_bits: true (LoRA dropout masks as bits, a Triton kernel)
+  fast_graphs   fast with train.cuda_graphs: true (the decoder stack replayed from CUDA graphs; bit masks)
   fast_max      the fast path with the whole GPU as its budget (memory_budget_gib: auto)
   fast_expseg   fast with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the allocator grows
                 segments instead of splitting cached blocks; the pipeline sets it for training)
@@ -77,7 +78,7 @@ BATCH = {"1b": 8, "8b": 4, "tiny": 4}
 SEQ_LEN = {"1b": 2048, "8b": 2048, "tiny": 128}
 LORA = dict(r=16, alpha=32, dropout=0.05)  # the pipeline's params.yaml lora section
 VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0
-BUDGETED = ("fast", "fast_bits", "fast_expseg", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
+BUDGETED = ("fast", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ def setup_recipe(model, spec: dict[str, Any]):
         memory_budget_gib=spec.get("budget_gib") or "auto",
         compile=recipe.startswith("fast_compiled"),
         dropout_mask_bits=recipe == "fast_bits",
+        cuda_graphs=recipe == "fast_graphs",
     )
     model = apply_lora(model, lora_settings(dropout))
     model, cfg, report = apply_fast_path(model, cfg, max_seq_len=spec["seq_len"])
@@ -360,6 +362,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "graph_breaks": {k[:200]: v for k, v in counters["graph_break"].items()},
             "recompiles": counters["recompiles"].get("total", 0) if "recompiles" in counters else None,
         }
+    runner = stack_runner(model)
+    if runner is not None:
+        result["graphs"] = {"replays": runner.replays, "eager_calls": runner.eager_calls, "disabled": runner.disabled_reason}
     if report is not None:
         result["fast_path"] = report.describe()
         result["plan"] = {
@@ -374,6 +379,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "compiled_layers": report.compiled_layers,
         }
     return result
+
+
+def stack_runner(model):
+    """The CUDA-graph runner of the decoder stack (core/fast/graphs.py), if the recipe installed one."""
+    for module in model.modules():
+        runner = module.__dict__.get("_stack_runner")
+        if runner is not None:
+            return runner
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +424,7 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for workload in ("fixed", "variable"):
             by = {r["recipe"]: r for r in results if r["shape"] == shape and r["workload"] == workload and "error" not in r and not r.get("check")}
             row = {"shape": shape, "workload": workload}
-            for name in ("fast", "fast_bits", "fast_expseg", "fast_compiled", "fast_compiled_m4"):
+            for name in ("fast", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled", "fast_compiled_m4"):
                 fast = by.get(name)
                 if not fast:
                     continue
@@ -429,21 +443,23 @@ def loss_check(results: list[dict[str, Any]], tolerance: float) -> list[dict[str
     out = []
     for workload in ("fixed", "variable"):
         checks = {r["recipe"]: r for r in results if r.get("check") and r["workload"] == workload and "error" not in r}
-        if "plain" not in checks or "fast" not in checks:
+        if "plain" not in checks:
             continue
-        a, b = checks["plain"]["losses"], checks["fast"]["losses"]
-        rel = [abs(x - y) / abs(x) for x, y in zip(a, b)]
-        out.append({
-            "shape": checks["plain"]["shape"],
-            "workload": workload,
-            "what": "same samples per step, same seed, LoRA dropout 0, lr 1e-3: plain (padded batches, SDPA, "
-            "peft) vs fast (padding-free/packed, varlen or cuDNN attention, liger, fused LoRA, planned checkpointing)",
-            "plain_losses": a,
-            "fast_losses": b,
-            "max_relative_diff": round(max(rel), 5),
-            "tolerance": tolerance,
-            "passed": max(rel) <= tolerance,
-        })
+        for name in [n for n in checks if n.startswith("fast")]:
+            a, b = checks["plain"]["losses"], checks[name]["losses"]
+            rel = [abs(x - y) / abs(x) for x, y in zip(a, b)]
+            out.append({
+                "shape": checks["plain"]["shape"],
+                "workload": workload,
+                "recipe": name,
+                "what": "same samples per step, same seed, LoRA dropout 0, lr 1e-3: plain (padded batches, SDPA, "
+                f"peft) vs {name} (padding-free/packed, varlen or cuDNN attention, liger, fused LoRA, planned checkpointing)",
+                "plain_losses": a,
+                f"{name}_losses" if name != "fast" else "fast_losses": b,
+                "max_relative_diff": round(max(rel), 5),
+                "tolerance": tolerance,
+                "passed": max(rel) <= tolerance,
+            })
     return out
 
 
@@ -477,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast-budget-gib", type=float, default=0.0, help="0: 0.6x the original recipe's peak")
     p.add_argument("--check-shape", default="1b", help="shape of the loss check ('' to skip)")
     p.add_argument("--check-steps", type=int, default=8)
+    p.add_argument("--check-recipes", default="fast", help="recipes checked against plain")
     p.add_argument("--check-tolerance", type=float, default=0.02)
     p.add_argument("--timeout-s", type=float, default=300)
     p.add_argument("--out", default="")
@@ -528,15 +545,15 @@ def main(argv: list[str] | None = None) -> int:
         base = dict(common, shape=check_shape, seq_len=SEQ_LEN[check_shape], batch=BATCH[check_shape])
         for workload in args.workloads.split(","):
             plain_peak = None
-            for recipe in ("plain", "fast"):
+            for recipe in ("plain", *args.check_recipes.split(",")):
                 spec = dict(
                     base, workload=workload, recipe=recipe, check=True, fixed_groups=2, lora_dropout=0.0,
                     warmup=0, steps=args.check_steps, lr=1e-3,
                 )
-                if recipe == "fast" and plain_peak:  # a tight budget, so the check covers recompute too
+                if recipe.startswith("fast") and plain_peak:  # a tight budget, so the check covers recompute too
                     spec["budget_gib"] = 0.6 * plain_peak
                 r = spawn(spec, args.timeout_s)
-                plain_peak = r.get("peak_gib")
+                plain_peak = plain_peak or r.get("peak_gib")
                 record(r)
 
     summary = {

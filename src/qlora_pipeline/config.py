@@ -204,6 +204,11 @@ class TrainConfig(_Section):
     the compile). auto: on with a CUDA GPU. Off by default: no speed-up measured on an H200
     (benchmarks/README.md)."""
 
+    cuda_graphs: bool | Literal["auto"] = False
+    """Replay the decoder layers' forward and backward from CUDA graphs (core/fast/graphs.py): the
+    host's kernel launches leave the step. Needs fused_lora; LoRA dropout then keeps its masks as bits
+    (triton). One shape is captured, so it pays with fixed-length rows. auto: on with one CUDA GPU."""
+
     @field_validator("gradient_checkpointing")
     @classmethod
     def _layer_count(cls, v: bool | int | str) -> bool | int | str:
@@ -246,6 +251,11 @@ class TrainConfig(_Section):
             raise ValueError(
                 "distributed: fsdp shards the model across several GPUs but num_gpus is 1; "
                 "set num_gpus to auto or a number > 1, or distributed to auto"
+            )
+        if self.cuda_graphs is True and (self.compile is True or self.fused_lora is False or self.distributed == "fsdp"):
+            raise ValueError(
+                "cuda_graphs: true needs fused LoRA layers, without compile and without fsdp (the graphs hold "
+                "the whole layers); set cuda_graphs to false, or fused_lora to auto/true and compile to false"
             )
         if self.dropout_mask_bits is True and self.compile is True:
             raise ValueError(

@@ -12,7 +12,8 @@ costs the host more than torch's, and the step is close to host-bound. Hence opt
     grad_x = dropout_backward(grad, bits, p, out=grad_x)  # out=None: a new tensor; else added into out
 
 The random numbers come from a seed drawn from torch's CUDA generator, so a recomputed layer
-(torch's checkpoint restores the generator) draws the same mask again.
+(torch's checkpoint restores the generator) draws the same mask again; or from a seed tensor the
+caller passes (core/fast/graphs.py, where the generator cannot be restored inside a CUDA graph).
 """
 
 from __future__ import annotations
@@ -88,14 +89,19 @@ def _kernels() -> tuple[Any, Any]:
     return forward_kernel, backward_kernel
 
 
-def dropout_forward(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x * mask / (1 - p), the mask as bits: element i is bit i % 8 of byte i // 8)."""
+def dropout_forward(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * mask / (1 - p), the mask as bits: element i is bit i % 8 of byte i // 8).
+
+    seed: a one-element int32 CUDA tensor the mask is drawn from (the same seed, the same mask);
+    None: a fresh one from torch's CUDA generator.
+    """
     forward_kernel, _ = _kernels()
     x = x.contiguous()
     n = x.numel()
     y = torch.empty_like(x)
     bits = torch.empty(n // 8, dtype=torch.uint8, device=x.device)
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
+    if seed is None:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
     forward_kernel[(-(-n // BLOCK),)](x, y, bits, seed, n, float(p), 1.0 / (1.0 - p), BLOCK=BLOCK)
     return y, bits
 

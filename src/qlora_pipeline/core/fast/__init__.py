@@ -22,6 +22,9 @@ peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
   no faster (Triton's launch cost on the host outweighs its lighter kernels);
 - padding-free batches: pad tokens dropped, samples packed into one row with per-sample position
   ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
+- CUDA graphs (opt-in, `train.cuda_graphs`): the decoder stack's forward and backward (recompute
+  included) replayed as two CUDA graphs per micro-batch shape, so the host's launches leave the
+  step (graphs.py); the LoRA dropout then keeps bit masks, seeded per layer from a tensor;
 - compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
   graph, no graph breaks, ~11 s at the first step); liger then keeps only its fused
   linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it was slower at
@@ -44,7 +47,7 @@ GPU box.
 
 options: the knobs resolved for this machine; memory: the memory plan and its cost model; nodes:
 the LoRA autograd nodes and their dropout masks; layers: compile, liger and fused LoRA on the model;
-attention: the attention of padding-free batches. This module: apply_fast_path and its report.
+attention: the attention of padding-free batches; graphs: CUDA graphs of the decoder stack. This module: apply_fast_path and its report.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ from qlora_pipeline.core.fast.attention import (
     pack_sequences,
     varlen_attention_works,
 )
+from qlora_pipeline.core import bitmask_dropout
+from qlora_pipeline.core.fast.graphs import StackRunner, disable_cuda_graphs, enable_cuda_graphs
 from qlora_pipeline.core.fast.layers import (
     COMPILE_BACKEND,
     SIBLING_GROUPS,
@@ -102,6 +107,7 @@ from qlora_pipeline.core.fast.nodes import (
     bits16_drop_count,
     bits16_dropout,
 )
+from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.core.fast.options import (
     GIB,
     FastOptions,
@@ -135,6 +141,8 @@ __all__ = [
     # layers
     "COMPILE_BACKEND", "SIBLING_GROUPS", "apply_liger", "compile_layers", "fuse_lora", "unfuse_lora",
     "_lora_inputs",
+    # graphs
+    "StackRunner", "disable_cuda_graphs", "enable_cuda_graphs",
     # attention
     "FAST_ATTENTION", "IGNORE_INDEX", "cudnn_attention_works", "enable_fast_attention",
     "fast_attention", "pack_sequences", "varlen_attention_works", "_varlen_call",
@@ -154,6 +162,7 @@ class FastPathReport:
     compiled_layers: int = 0
     bit_masks: bool = False
     bits16_mask: bool = False
+    cuda_graphs: bool = False
 
     def record(self) -> dict[str, int | float]:
         """What trained, as numbers (0/1 for switches): the values the Trainer got, which can differ
@@ -169,6 +178,7 @@ class FastPathReport:
             "padding_free": int(self.padding_free),
             "varlen_attention": int(self.varlen_attention),
             "compiled_layers": self.compiled_layers,
+            "cuda_graphs": int(self.cuda_graphs),
         }
 
     def describe(self) -> str:
@@ -182,6 +192,8 @@ class FastPathReport:
         if self.padding_free:
             parts.append("padding-free batches" + (" with varlen/cuDNN attention" if self.varlen_attention else " (SDPA masks)"))
         parts.append(f"{self.compiled_layers} layers compiled" if self.compiled_layers else "not compiled")
+        if self.cuda_graphs:
+            parts.append("decoder stack as CUDA graphs")
         return "; ".join(parts)
 
 
@@ -220,8 +232,10 @@ def apply_fast_path(
     if lora_dropout is None:
         lora_dropout = _lora_dropout(model)
     liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
-    # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves
-    bit_masks = options.fused_lora and options.dropout_mask_bits and not options.compile
+    graphs = _graphs_possible(cfg, options, lora_dropout)
+    # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves;
+    # CUDA graphs need the bit masks' seeded dropout
+    bit_masks = options.fused_lora and (options.dropout_mask_bits or (graphs and lora_dropout > 0)) and not options.compile
     bits16 = options.fused_lora and not _cuda(device)
     fused = (
         fuse_lora(model, group_siblings=not options.compile, bit_masks=bit_masks, bits16_mask=bits16)
@@ -247,9 +261,11 @@ def apply_fast_path(
         bit_masks=bit_masks and lora_dropout > 0,
         element_bytes=float(base.get_input_embeddings().weight.element_size()),
         float32_masks=not _cuda(device),
+        graphs=graphs,
     )
     set_checkpointed_layers(model, plan.checkpoint_layers)
     compiled = compile_layers(model) if options.compile else 0
+    graphed = graphs and enable_cuda_graphs(model) is not None
     if not plan.fits:
         log.warning(
             "the memory plan does not fit train.memory_budget_gib (%s); training may run out of memory: "
@@ -262,9 +278,30 @@ def apply_fast_path(
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         }
     )
-    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks, bits16 and fused > 0)
+    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks, bits16 and fused > 0, graphed)
     log.info("fast path: %s", report.describe())
     return model, cfg, report
+
+
+def _graphs_possible(cfg: TrainConfig, options: FastOptions, lora_dropout: float) -> bool:
+    """CUDA graphs on for this run: switched on, fused LoRA, not compiled, and where LoRA dropout is on,
+    the bit masks available (their seeded dropout is what a captured recompute can repeat).
+
+    Raises:
+        ConfigError: train.cuda_graphs is true and one of these is missing.
+    """
+    if not options.cuda_graphs:
+        return False
+    missing = None
+    if not options.fused_lora or options.compile:
+        missing = "fused LoRA layers without compile"
+    elif lora_dropout > 0 and not bitmask_dropout.available():
+        missing = "triton for the LoRA dropout's bit masks (or lora.dropout: 0)"
+    if missing is None:
+        return True
+    if cfg.cuda_graphs is True:
+        raise ConfigError(f"train.cuda_graphs is true but needs {missing}; set it to auto or false")
+    return False
 
 
 def _lora_dropout(model: nn.Module) -> float:

@@ -108,7 +108,13 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
     bit_mask = p > 0 and getattr(self, "_lora_bitmask_dropout", False) and bitmask_dropout.supports(x)
     bits16 = p > 0 and not bit_mask and getattr(self, "_lora_bits16_dropout", False) and x.device.type == "cpu"
-    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, runs_base_matmul, bit_mask, bits16)
+    if p > 0 and not bit_mask and getattr(self, "_lora_seed_required", False):
+        raise RuntimeError(
+            f"LoRA dropout on a {tuple(x.shape)} {x.device.type} input cannot take the bit-mask dropout that CUDA graphs "
+            "need; set train.cuda_graphs to false"
+        )
+    seed = getattr(self, "_lora_seed", None) if bit_mask else None
+    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, runs_base_matmul, bit_mask, bits16, seed)
     return member, weight_a, weight_b
 
 
@@ -244,6 +250,8 @@ def unfuse_lora(model: nn.Module) -> None:
         vars(module).pop("_lora_group", None)
         vars(module).pop("_lora_bitmask_dropout", None)
         vars(module).pop("_lora_bits16_dropout", None)
+        vars(module).pop("_lora_seed", None)
+        vars(module).pop("_lora_seed_required", None)
 
 
 _FUSED_FORWARDS = (_lora_fused_forward, _lora_tail_forward, _lora_group_forward)

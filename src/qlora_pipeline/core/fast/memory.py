@@ -37,6 +37,12 @@ HOST_S_PER_LAYER_PASS = 3.4e-3
 # (32 layers * 2 passes * (1 + 15/32)) = 3.1 ms per layer and pass, as an effective host cost (a 0.5 ms
 # guess made the plan pick 1 x 2048 micro-batches, 32% slower than 4 x 2048, which compile left as is).
 HOST_S_PER_LAYER_PASS_COMPILED = 3.1e-3
+# With the decoder stack replayed from CUDA graphs (train.cuda_graphs) the layers cost the host one
+# replay per pass: what remains (embedding, head, optimizer) does not scale with the layers.
+HOST_S_PER_LAYER_PASS_GRAPHED = 0.0
+# CUDA graphs keep their inputs, output and output gradient as fixed buffers beside the pool (one
+# hidden-state tensor each) and the pool is not shared with the head's loss: four hidden states more.
+GRAPH_HIDDEN_STATES = 4
 # The estimate already runs 1-5% above the measured peaks (8B, 1-4 x 2048 tokens, 0-32 layers).
 MEMORY_MARGIN = 1.0
 
@@ -111,15 +117,17 @@ def model_flops_per_token(dims: ModelDims, seq_len: int) -> float:
     return 4.0 * matmul_params + 6.0 * seq_len * q * dims.num_layers
 
 
-def step_seconds(dims: ModelDims, tokens: int, seq_len: int, checkpoint_layers: int, *, compiled: bool = False) -> float:
+def step_seconds(dims: ModelDims, tokens: int, seq_len: int, checkpoint_layers: int, *, compiled: bool = False, graphs: bool = False) -> float:
     """Estimated time of one micro-batch: the longer of GPU and host time, plus part of the shorter
     (they overlap less the closer they are)."""
     share = checkpoint_layers / dims.num_layers
     rate = GPU_PEAK_MODEL_FLOPS_PER_S * tokens / (tokens + GPU_HALF_RATE_TOKENS)
     gpu = tokens * model_flops_per_token(dims, seq_len) * (1 + RECOMPUTE_COST * share) / rate
-    per_pass = HOST_S_PER_LAYER_PASS_COMPILED if compiled else HOST_S_PER_LAYER_PASS
+    per_pass = HOST_S_PER_LAYER_PASS_GRAPHED if graphs else HOST_S_PER_LAYER_PASS_COMPILED if compiled else HOST_S_PER_LAYER_PASS
     host = dims.num_layers * per_pass * 2 * (1 + share)
     longer, shorter = max(gpu, host), min(gpu, host)
+    if shorter <= 0:
+        return longer
     return longer + 0.2 * shorter * (shorter / longer) ** 2
 
 
@@ -134,6 +142,7 @@ def estimate_peak_bytes(
     bit_masks: bool = False,
     element_bytes: float = 2.0,
     float32_masks: bool = False,
+    graphs: bool = False,
 ) -> float:
     """Peak memory of one training step with `tokens` tokens per micro-batch: GPU memory, or on a CPU
     what the step adds to the process's RSS (static_bytes then counts only what training adds).
@@ -141,7 +150,8 @@ def estimate_peak_bytes(
     The peak is the larger of two moments: the end of the forward (every kept layer's activations
     plus the recomputed layers' inputs) and the backward of the recomputed layers (their inputs
     plus the one layer being recomputed; the kept layers, the last ones, are freed by then).
-    element_bytes, float32_masks: as for layer_activation_bytes.
+    element_bytes, float32_masks: as for layer_activation_bytes. graphs: the decoder stack replayed
+    from CUDA graphs (GRAPH_HIDDEN_STATES).
     """
     per_layer = layer_activation_bytes(
         dims, liger=liger, lora_dropout=lora_dropout, bit_masks=bit_masks, element_bytes=element_bytes,
@@ -155,7 +165,7 @@ def estimate_peak_bytes(
         loss = 0.0  # logits are never materialised; chunks fit in the misc term below
     else:
         loss = tokens * dims.vocab * (element_bytes + 4.0 + 4.0)  # logits, fp32 upcast (or log-softmax), fp32 grad
-    misc = tokens * dims.hidden * element_bytes * 5  # residual-stream grads, embeddings out; 8B: 40 KB measured
+    misc = tokens * dims.hidden * element_bytes * (5 + (GRAPH_HIDDEN_STATES if graphs else 0))  # residual-stream grads, embeddings out; 8B: 40 KB measured
     dequantized = 2 * dims.largest_linear * element_bytes
     return MEMORY_MARGIN * (static_bytes + activations + loss + misc + dequantized)
 
@@ -207,6 +217,7 @@ def plan_memory(
     bit_masks: bool = False,
     element_bytes: float = 2.0,
     float32_masks: bool = False,
+    graphs: bool = False,
 ) -> MemoryPlan:
     """The fastest (micro-batch, recomputed layers) whose estimated peak fits the budget.
 
@@ -222,7 +233,7 @@ def plan_memory(
     def peak(b: int, k: int) -> float:
         return estimate_peak_bytes(
             dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, bit_masks=bit_masks,
-            element_bytes=element_bytes, float32_masks=float32_masks,
+            element_bytes=element_bytes, float32_masks=float32_masks, graphs=graphs,
         )
 
     best: tuple[float, int, int] | None = None
@@ -230,7 +241,7 @@ def plan_memory(
         k = next((k for k in layer_choices if peak(b, k) <= budget), None)
         if k is None:
             continue
-        cost = step_seconds(dims, b * seq_len, seq_len, k, compiled=compiled) / b
+        cost = step_seconds(dims, b * seq_len, seq_len, k, compiled=compiled, graphs=graphs) / b
         if best is None or cost < best[0] - 1e-9:
             best = (cost, b, k)
     if best is None:  # nothing fits: the leanest choice, and say so

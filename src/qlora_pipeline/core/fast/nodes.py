@@ -26,6 +26,7 @@ class LoraMember:
     runs_base_matmul: bool = True
     bit_mask: bool = False
     bits16: bool = False  # CPU: the mask from 16 random bits per element (bits16_dropout)
+    seed: torch.Tensor | None = None  # the bit mask's seed (core/fast/graphs.py); None: drawn here
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -49,7 +50,7 @@ class LoraLinearFunction(torch.autograd.Function):
         outputs, saved = [], []
         for member, weight_a, weight_b in zip(members, weights[0::2], weights[1::2]):
             if member.p > 0 and member.bit_mask:
-                dropped, mask = bitmask_dropout.dropout_forward(x2, member.p)
+                dropped, mask = bitmask_dropout.dropout_forward(x2, member.p, member.seed)
             elif member.p > 0 and member.bits16:
                 dropped, mask = bits16_dropout(x2, member.p)
             elif member.p > 0:

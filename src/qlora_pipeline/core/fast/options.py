@@ -60,6 +60,7 @@ class FastOptions:
     memory_budget_gib: float | None  # GiB of GPU memory, or of RAM on a CPU; None: no limit
     compile: bool = False
     dropout_mask_bits: bool = False
+    cuda_graphs: bool = False
 
 
 def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) -> FastOptions:
@@ -79,7 +80,15 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         memory_budget_gib=budget,
         compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
         dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=bitmask_dropout.available()),
+        cuda_graphs=resolve_switch(cfg.cuda_graphs, "cuda_graphs", on_gpu=on_gpu, available=on_gpu and _single_process()),
     )
+
+
+def _single_process() -> bool:
+    """Not one of several ranks (torchrun sets WORLD_SIZE): CUDA graphs are measured on one GPU only."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
 
 
 def compile_available() -> bool:

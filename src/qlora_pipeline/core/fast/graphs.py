@@ -1,0 +1,241 @@
+"""CUDA graphs of the decoder stack: every decoder layer's forward, and the whole backward with its
+recompute, each replayed as one CUDA graph, so the host's Python and kernel launches (about 7,700
+per step on the 8B shape) leave the critical path.
+
+    enable_cuda_graphs(model)   # after fuse_lora and set_checkpointed_layers; CUDA only
+
+How it works:
+- The decoder stack is one callable: the model's own loop over its layers (`self.layers[:n]` in
+  transformers) gets a runner instead of the layers, which runs them all.
+- A shape is captured the second time it is seen in training (the first run, eager, leaves cuDNN
+  plans and Triton kernels built), with torch.cuda.graph: one warm-up on a side stream, then the
+  forward and, through torch.autograd.grad, the backward, in one private memory pool. Replays copy
+  the new inputs into the captured ones; the adapter's gradients come back through one autograd
+  node, so gradient accumulation, clipping and the optimizer work as usual.
+- One shape is captured (`max_graphs`); others run eagerly. Fixed-length rows give one shape per
+  micro-batch; padding-free batches of varying length mostly run eagerly.
+- Randomness: a recomputed layer must draw the same LoRA dropout mask in the backward as in the
+  forward. torch's checkpoint restores the CUDA generator for that, which cannot run inside a
+  capture. Here each LoRA layer instead gets its seed as a tensor drawn once per forward, outside
+  the layers (`_lora_seed`), and its bit-mask dropout (core/bitmask_dropout.py) reads it: the
+  recompute reads the same seed. Hence LoRA dropout > 0 needs the bit masks (CUDA, triton).
+- Memory: the pool holds the stack's activations for the whole run, so memory that eager training
+  frees after the backward (for the head's loss, the optimizer) is not shared with them:
+  GRAPH_EXTRA_BYTES_PER_TOKEN in the memory plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree
+
+log = logging.getLogger(__name__)
+
+SEED_HIGH = 2**31 - 1
+
+
+def _stack_container(model: nn.Module) -> nn.ModuleList | None:
+    """The ModuleList that holds the decoder layers, or None."""
+    from qlora_pipeline.core.fast.memory import decoder_layers
+
+    layers = decoder_layers(model)
+    if not layers:
+        return None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == len(layers) and all(a is b for a, b in zip(module, layers)):
+            return module
+    return None
+
+
+class _LayerList(nn.ModuleList):
+    """The decoder layers' ModuleList: a slice that covers every layer (the model's forward loop)
+    gives the stack runner instead; everything else (indexing, iteration, state dict) is unchanged."""
+
+    def __getitem__(self, idx):  # noqa: D105
+        runner = self.__dict__.get("_stack_runner")
+        if runner is not None and isinstance(idx, slice) and range(len(self))[idx] == range(len(self)):
+            return [runner]
+        return super().__getitem__(idx)
+
+
+class _StackReplay(torch.autograd.Function):
+    """The captured stack as one autograd node: forward and backward replay their graphs."""
+
+    @staticmethod
+    def forward(ctx, graph: "_StackGraph", leaves: tuple, hidden: torch.Tensor, *params: torch.Tensor):  # noqa: D102
+        graph.load(hidden, leaves)
+        graph.fwd.replay()
+        ctx.graph = graph
+        return graph.out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        graph = ctx.graph
+        if grad.data_ptr() != graph.grad_out.data_ptr():
+            graph.grad_out.copy_(grad)
+        graph.bwd.replay()
+        grads = [None if g is None else g.detach() for g in graph.grads]
+        return None, None, *grads
+
+
+class _StackGraph:
+    """One captured shape: static inputs, the forward and backward graphs and their outputs."""
+
+    def __init__(self, runner: "StackRunner", hidden: torch.Tensor, leaves: list, spec: Any, warmup: int) -> None:
+        self.hidden = hidden.detach().clone().requires_grad_(hidden.requires_grad)
+        self.leaves = [leaf.detach().clone() if torch.is_tensor(leaf) else leaf for leaf in leaves]
+        inputs = ([self.hidden] if self.hidden.requires_grad else []) + runner.params
+
+        def run() -> torch.Tensor:
+            return runner.run_layers(self.hidden, _pytree.tree_unflatten(self.leaves, spec))
+
+        device = hidden.device
+        autocast = dict(
+            device_type="cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False
+        )
+        torch.cuda.synchronize(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.autocast(**autocast):
+            for _ in range(warmup):
+                out = run()
+                torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
+                del out
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        pool = torch.cuda.graph_pool_handle()
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"), torch.autocast(**autocast):
+            self.out = run()
+        self.grad_out = torch.empty_like(self.out)
+        with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
+            grads = torch.autograd.grad(self.out, inputs, self.grad_out, allow_unused=True)
+        grads = list(grads)
+        grad_hidden = grads.pop(0) if self.hidden.requires_grad else None
+        self.grads = [grad_hidden, *grads]
+
+    def load(self, hidden: torch.Tensor, leaves: tuple) -> None:
+        """Copy this call's inputs into the captured ones."""
+        if hidden.data_ptr() != self.hidden.data_ptr():
+            self.hidden.detach().copy_(hidden)
+        for static, leaf in zip(self.leaves, leaves):
+            if torch.is_tensor(static) and static.data_ptr() != leaf.data_ptr():
+                static.copy_(leaf)
+
+
+class StackRunner:
+    """Runs the decoder layers in turn, from CUDA graphs where a shape was captured.
+
+    Called as the model's loop calls one layer: runner(hidden_states, **layer_kwargs) -> hidden_states,
+    (batch, tokens, hidden). Counts `replays` and `eager_calls` for reports and tests.
+    """
+
+    def __init__(self, layers: list[nn.Module], lora_modules: list[nn.Module], *, capture: bool = True, max_graphs: int = 1, warmup: int = 1) -> None:
+        self.layers = layers
+        self.lora_modules = lora_modules
+        self.params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.graphs: dict[Any, _StackGraph] = {}
+        self.seen: Counter = Counter()
+        self.replays = 0
+        self.eager_calls = 0
+        self.disabled_reason: str | None = None
+
+    def run_layers(self, hidden: torch.Tensor, kwargs: dict[str, Any], seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The layers in turn, each LoRA layer's dropout seeded from one fresh draw (or `seeds`)."""
+        if seeds is None:
+            seeds = torch.randint(0, SEED_HIGH, (max(1, len(self.lora_modules)),), device=hidden.device, dtype=torch.int32)
+        self.last_seeds = seeds
+        for index, module in enumerate(self.lora_modules):
+            module._lora_seed = seeds[index : index + 1]
+        for layer in self.layers:
+            hidden = layer(hidden, **kwargs)
+        return hidden
+
+    def _key(self, hidden: torch.Tensor, leaves: list, spec: Any) -> Any:
+        parts = []
+        for leaf in leaves:
+            if torch.is_tensor(leaf):
+                parts.append(("t", tuple(leaf.shape), leaf.dtype, tuple(leaf.stride()), leaf.device))
+            else:
+                hash(leaf)
+                parts.append(("v", leaf))
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        return (tuple(hidden.shape), hidden.dtype, hidden.requires_grad, autocast, str(spec), tuple(parts))
+
+    def __call__(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        training = self.layers[0].training and torch.is_grad_enabled()
+        if not (self.capture and training and hidden_states.is_cuda and self.disabled_reason is None):
+            self.eager_calls += 1
+            return self.run_layers(hidden_states, kwargs)
+        leaves, spec = _pytree.tree_flatten(kwargs)
+        try:
+            key = self._key(hidden_states, leaves, spec)
+        except TypeError:  # an unhashable argument (a cache object): no graph for it
+            self.eager_calls += 1
+            return self.run_layers(hidden_states, kwargs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            self.seen[key] += 1
+            if self.seen[key] < 2 or len(self.graphs) >= self.max_graphs:
+                self.eager_calls += 1
+                return self.run_layers(hidden_states, kwargs)
+            try:
+                graph = self.graphs[key] = _StackGraph(self, hidden_states, leaves, spec, self.warmup)
+            except Exception as exc:  # a kernel that cannot be captured: eager from here on
+                self.disabled_reason = f"{type(exc).__name__}: {exc}"
+                log.warning("CUDA graphs off for this run, the decoder layers run eagerly: %s", self.disabled_reason)
+                self.eager_calls += 1
+                return self.run_layers(hidden_states, kwargs)
+            log.info("decoder stack captured as CUDA graphs for %s tokens", "x".join(map(str, hidden_states.shape[:2])))
+        self.replays += 1
+        return _StackReplay.apply(graph, tuple(leaves), hidden_states, *self.params)
+
+
+def enable_cuda_graphs(model: nn.Module, *, capture: bool = True, max_graphs: int = 1) -> StackRunner | None:
+    """Run the model's decoder stack through a StackRunner; returns it, or None where the model's
+    layers are not one ModuleList the forward slices (then nothing changes).
+
+    Call after fuse_lora and set_checkpointed_layers. Checkpointed layers stop saving the RNG state
+    (nothing in them draws from torch's generator: the LoRA dropout seeds are inputs), which a capture
+    needs. capture=False keeps the runner eager (the CPU, tests).
+    """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    from qlora_pipeline.core.fast.layers import _lora_linears
+
+    container = _stack_container(model)
+    if container is None:
+        log.info("CUDA graphs skipped: the decoder layers are not one ModuleList")
+        return None
+    layers = list(container)
+    lora = [m for layer in layers for m in _lora_linears(layer)]
+    runner = StackRunner(layers, lora, capture=capture, max_graphs=max_graphs)
+    if capture:
+        for layer in layers:
+            if getattr(layer, "_gradient_checkpointing_func", None) is not None:
+                layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+        for module in lora:
+            module._lora_seed_required = True
+    container.__class__ = _LayerList
+    container.__dict__["_stack_runner"] = runner
+    return runner
+
+
+def disable_cuda_graphs(model: nn.Module) -> None:
+    """Back to the model's own loop over its layers (the graphs' memory is freed with the runner)."""
+    for module in model.modules():
+        if isinstance(module, _LayerList):
+            module.__dict__.pop("_stack_runner", None)
+            module.__class__ = nn.ModuleList
+        vars(module).pop("_lora_seed", None)

@@ -1,0 +1,104 @@
+"""CUDA graphs of the decoder stack (core/fast/graphs.py): what runs without a GPU.
+
+The capture and replay themselves need CUDA (benchmarks/gpu_graphs_check.py checks them on the GPU
+machine, gpu_train_bench.py's fast_graphs recipe measures them); here, on the real 4-bit tiny model:
+the runner takes the model's layer loop and gives the same loss and gradients, the switch and its
+refusals, and the memory plan's extra term.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qlora_pipeline.config import TrainConfig
+from qlora_pipeline.core import fast
+from qlora_pipeline.core.fast import graphs
+from qlora_pipeline.core.model import apply_lora
+from qlora_pipeline.errors import ConfigError
+from tests.unit.test_fast_path import LLAMA_8B, lora_with_visible_update
+
+
+def test_runner_takes_the_layer_loop_with_the_same_loss_and_grads(tiny_model):
+    cfg, _, model = tiny_model
+    model, loss_and_grads = lora_with_visible_update(model, cfg)
+    fast.fuse_lora(model)
+    fast.set_checkpointed_layers(model, 1)
+    ref_loss, ref_grads = loss_and_grads()
+    keys = list(model.state_dict())
+    runner = fast.enable_cuda_graphs(model, capture=False)
+    assert runner is not None and len(runner.layers) == 2
+    for _ in range(2):
+        loss, grads = loss_and_grads()
+        assert torch.allclose(loss, ref_loss, rtol=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, ref_grads))
+    assert runner.eager_calls == 2 and runner.replays == 0
+    # every LoRA layer got a seed of its own from one draw per forward
+    seeds = [m._lora_seed for m in runner.lora_modules]
+    assert len(seeds) == 14 and all(s.shape == (1,) and s.dtype == torch.int32 for s in seeds)
+    assert list(model.state_dict()) == keys  # names (and so saved adapters) unchanged
+    container = graphs._stack_container(model)
+    assert list(container) == runner.layers and container[0] is runner.layers[0]
+    fast.disable_cuda_graphs(model)
+    assert type(container) is nn.ModuleList and not hasattr(runner.lora_modules[0], "_lora_seed")
+    loss, _ = loss_and_grads()
+    assert torch.allclose(loss, ref_loss, rtol=1e-6) and runner.eager_calls == 2
+
+
+def test_eval_and_no_grad_calls_run_the_layers_eagerly(tiny_model):
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora)
+    runner = fast.enable_cuda_graphs(model, capture=True)
+    ids = torch.randint(3, 200, (1, 8))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()  # a CPU tensor: never captured
+    assert runner.eager_calls == 2 and runner.replays == 0 and not runner.graphs
+
+
+def test_capture_requires_seeded_bit_masks_for_lora_dropout(tiny_model):
+    # a captured recompute cannot restore torch's generator: with capture on, a LoRA dropout that
+    # cannot take the seeded bit masks (here: a CPU input) is refused instead of drawing new masks
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.1}))
+    fast.fuse_lora(model)
+    fast.enable_cuda_graphs(model, capture=True)
+    ids = torch.randint(3, 200, (1, 8))
+    model.train()
+    with pytest.raises(RuntimeError, match="bit-mask dropout that CUDA graphs need; set train.cuda_graphs to false"):
+        model(input_ids=ids, labels=ids)
+
+
+def test_cuda_graphs_switch_and_its_refusals():
+    assert TrainConfig().cuda_graphs is False
+    assert fast.resolve_options(TrainConfig(cuda_graphs="auto"), "cpu").cuda_graphs is False
+    with pytest.raises(ConfigError, match="train.cuda_graphs is true but it is not available here"):
+        fast.resolve_options(TrainConfig(cuda_graphs=True), "cpu")
+    for bad in ({"compile": True}, {"fused_lora": False}):
+        with pytest.raises(ValueError, match="cuda_graphs: true needs fused LoRA layers"):
+            TrainConfig(cuda_graphs=True, **bad)
+
+
+def test_graphs_refused_where_several_ranks_run(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fast.options._single_process() is False
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert fast.options._single_process() is True
+
+
+def test_plan_counts_the_graphs_buffers_and_no_host_time():
+    from transformers import LlamaConfig
+
+    dims = fast.ModelDims.from_config(LlamaConfig(**LLAMA_8B))
+    tokens = 8192
+    kw = dict(liger=True, lora_dropout=0.05, bit_masks=True)
+    eager = fast.estimate_peak_bytes(dims, tokens, 29, 6e9, **kw)
+    graphed = fast.estimate_peak_bytes(dims, tokens, 29, 6e9, graphs=True, **kw)
+    assert graphed - eager == pytest.approx(fast.memory.GRAPH_HIDDEN_STATES * tokens * dims.hidden * 2)
+    # host time gone: the step is the GPU's estimate alone, below the eager one
+    eager_s = fast.step_seconds(dims, tokens, 2048, 29)
+    graphed_s = fast.step_seconds(dims, tokens, 2048, 29, graphs=True)
+    assert graphed_s < eager_s

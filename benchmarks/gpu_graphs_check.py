@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     runner.capture = False
     runner.run_layers = run_with(seeds)
     loss_eager, grads_eager = step()
+    _, grads_eager_again = step()  # the noise floor: the same eager step twice
     set_checkpointed_layers(model, 0)
     loss_kept, grads_kept = step()
     set_checkpointed_layers(model, report.plan.num_layers)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "disabled": runner.disabled_reason,
         "first_two_steps_s": round(captured_s, 2),
         "losses": {"graph": loss_graph, "eager_same_seeds": loss_eager, "eager_same_seeds_no_recompute": loss_kept, "eager_other_seeds": loss_other},
+        "eager_vs_eager_same_seeds": compare(grads_eager_again, grads_eager),
         "graph_vs_eager_same_seeds": compare(grads_graph, grads_eager),
         "graph_vs_eager_no_recompute": compare(grads_graph, grads_kept),
         "control_other_seeds_vs_eager": compare(grads_other, grads_eager),

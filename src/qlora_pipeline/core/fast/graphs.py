@@ -52,6 +52,19 @@ def _stack_container(model: nn.Module) -> nn.ModuleList | None:
     return None
 
 
+def _trainable_slots(layers: list[nn.Module]) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(module, name, parameter) of every trainable parameter of the layers, in a fixed order."""
+    seen: set[int] = set()
+    slots = []
+    for layer in layers:
+        for module in layer.modules():
+            for name, param in module._parameters.items():
+                if param is not None and param.requires_grad and id(param) not in seen:
+                    seen.add(id(param))
+                    slots.append((module, name, param))
+    return slots
+
+
 class _LayerList(nn.ModuleList):
     """The decoder layers' ModuleList: a slice that covers every layer (the model's forward loop)
     gives the stack runner instead; everything else (indexing, iteration, state dict) is unchanged."""
@@ -90,7 +103,22 @@ class _StackGraph:
     def __init__(self, runner: "StackRunner", hidden: torch.Tensor, leaves: list, spec: Any, warmup: int) -> None:
         self.hidden = hidden.detach().clone().requires_grad_(hidden.requires_grad)
         self.leaves = [leaf.detach().clone() if torch.is_tensor(leaf) else leaf for leaf in leaves]
-        inputs = ([self.hidden] if self.hidden.requires_grad else []) + runner.params
+        # The capture uses stand-ins for the adapter's parameters (the same storage, new autograd
+        # leaves): a graph of an earlier step that is still referenced (its loss, say) keeps the
+        # parameters' gradient accumulators alive on the default stream, and the captured backward
+        # would have to wait on that stream, which a capture forbids.
+        slots = _trainable_slots(runner.layers)
+        for module, name, param in slots:
+            module._parameters[name] = nn.Parameter(param.detach(), requires_grad=True)
+        try:
+            self._capture(runner, [m._parameters[n] for m, n, _ in slots], spec, warmup)
+        finally:
+            for module, name, param in slots:
+                module._parameters[name] = param
+
+    def _capture(self, runner: "StackRunner", params: list[torch.Tensor], spec: Any, warmup: int) -> None:
+        hidden = self.hidden
+        inputs = ([self.hidden] if self.hidden.requires_grad else []) + params
 
         def run() -> torch.Tensor:
             return runner.run_layers(self.hidden, _pytree.tree_unflatten(self.leaves, spec))
@@ -116,6 +144,7 @@ class _StackGraph:
         self.grad_out = torch.empty_like(self.out)
         with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
             grads = torch.autograd.grad(self.out, inputs, self.grad_out, allow_unused=True)
+        self.out = self.out.detach()  # drops the captured autograd graph
         grads = list(grads)
         grad_hidden = grads.pop(0) if self.hidden.requires_grad else None
         self.grads = [grad_hidden, *grads]
@@ -139,7 +168,7 @@ class StackRunner:
     def __init__(self, layers: list[nn.Module], lora_modules: list[nn.Module], *, capture: bool = True, max_graphs: int = 1, warmup: int = 1) -> None:
         self.layers = layers
         self.lora_modules = lora_modules
-        self.params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+        self.params = [p for _, _, p in _trainable_slots(layers)]
         self.capture = capture
         self.max_graphs = max_graphs
         self.warmup = warmup
@@ -190,11 +219,11 @@ class StackRunner:
                 return self.run_layers(hidden_states, kwargs)
             try:
                 graph = self.graphs[key] = _StackGraph(self, hidden_states, leaves, spec, self.warmup)
-            except Exception as exc:  # a kernel that cannot be captured: eager from here on
+            except Exception as exc:  # a failed capture leaves CUDA's generator unusable: no going on eagerly
                 self.disabled_reason = f"{type(exc).__name__}: {exc}"
-                log.warning("CUDA graphs off for this run, the decoder layers run eagerly: %s", self.disabled_reason)
-                self.eager_calls += 1
-                return self.run_layers(hidden_states, kwargs)
+                raise RuntimeError(
+                    f"capturing the decoder layers as CUDA graphs failed ({self.disabled_reason}); set train.cuda_graphs to false"
+                ) from exc
             log.info("decoder stack captured as CUDA graphs for %s tokens", "x".join(map(str, hidden_states.shape[:2])))
         self.replays += 1
         return _StackReplay.apply(graph, tuple(leaves), hidden_states, *self.params)

@@ -93,7 +93,9 @@ class _StackReplay(torch.autograd.Function):
         if grad.data_ptr() != graph.grad_out.data_ptr():
             graph.grad_out.copy_(grad)
         graph.bwd.replay()
-        grads = [None if g is None else g.detach() for g in graph.grads]
+        # copies: autograd would otherwise keep a returned buffer as the parameter's .grad, and the
+        # next micro-batch's replay would overwrite it (gradient accumulation would lose micro-batches)
+        grads = [None if g is None else g.clone() for g in graph.grads]
         return None, None, *grads
 
 

@@ -102,3 +102,31 @@ def test_plan_counts_the_graphs_buffers_and_no_host_time():
     eager_s = fast.step_seconds(dims, tokens, 2048, 29)
     graphed_s = fast.step_seconds(dims, tokens, 2048, 29, graphs=True)
     assert graphed_s < eager_s
+
+
+def test_a_shape_is_captured_at_its_second_call_unless_shapes_vary():
+    runner = graphs.StackRunner([nn.Linear(2, 2)], [], capture=True)
+    assert [runner.decide("a"), runner.decide("a")] == ["eager", "capture"]
+    runner.graphs["a"] = object()
+    assert [runner.decide("a"), runner.decide("b"), runner.decide("b")] == ["replay", "eager", "eager"]
+    varied = graphs.StackRunner([nn.Linear(2, 2)], [], capture=True)
+    assert [varied.decide(k) for k in ("a", "b", "a", "b")] == ["eager"] * 4 and varied.varied
+
+
+def test_lean_run_recomputes_every_layer_for_that_call_only(tiny_model, monkeypatch):
+    cfg, _, model = tiny_model
+    model, loss_and_grads = lora_with_visible_update(model, cfg)
+    fast.fuse_lora(model)
+    fast.set_checkpointed_layers(model, 2)
+    fast.set_checkpointed_layers(model, 0)
+    ref_loss, ref_grads = loss_and_grads()
+    runner = fast.enable_cuda_graphs(model, capture=False)
+    seen = []
+    run_layers = runner.run_layers
+    runner.run_layers = lambda h, kw, seeds=None: seen.append([layer.gradient_checkpointing for layer in runner.layers]) or run_layers(h, kw)
+    monkeypatch.setattr(graphs.StackRunner, "__call__", lambda self, hidden, **kw: self.run_lean(hidden, kw))
+    loss, grads = loss_and_grads()
+    assert seen == [[True, True]]
+    assert [layer.gradient_checkpointing for layer in runner.layers] == [False, False]
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, ref_grads))

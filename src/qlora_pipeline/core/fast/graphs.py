@@ -12,8 +12,10 @@ How it works:
   forward and, through torch.autograd.grad, the backward, in one private memory pool. Replays copy
   the new inputs into the captured ones; the adapter's gradients come back through one autograd
   node, so gradient accumulation, clipping and the optimizer work as usual.
-- One shape is captured (`max_graphs`); others run eagerly. Fixed-length rows give one shape per
-  micro-batch; padding-free batches of varying length mostly run eagerly.
+- One shape is captured, at its second call if no other shape came first (StackRunner.decide):
+  fixed-length rows give one shape per micro-batch; where shapes vary (padding-free batches of
+  varying length) the layers run eagerly. A call of another shape after the capture (an epoch's
+  last, shorter batch) runs eagerly with every layer recomputed, so it adds little beside the pool.
 - Randomness: a recomputed layer must draw the same LoRA dropout mask in the backward as in the
   forward. torch's checkpoint restores the CUDA generator for that, which cannot run inside a
   capture. Here each LoRA layer instead gets its seed as a tensor drawn once per forward, outside
@@ -167,15 +169,15 @@ class StackRunner:
     (batch, tokens, hidden). Counts `replays` and `eager_calls` for reports and tests.
     """
 
-    def __init__(self, layers: list[nn.Module], lora_modules: list[nn.Module], *, capture: bool = True, max_graphs: int = 1, warmup: int = 1) -> None:
+    def __init__(self, layers: list[nn.Module], lora_modules: list[nn.Module], *, capture: bool = True, warmup: int = 1) -> None:
         self.layers = layers
         self.lora_modules = lora_modules
         self.params = [p for _, _, p in _trainable_slots(layers)]
         self.capture = capture
-        self.max_graphs = max_graphs
         self.warmup = warmup
         self.graphs: dict[Any, _StackGraph] = {}
         self.seen: Counter = Counter()
+        self.varied = False
         self.replays = 0
         self.eager_calls = 0
         self.disabled_reason: str | None = None
@@ -202,6 +204,20 @@ class StackRunner:
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         return (tuple(hidden.shape), hidden.dtype, hidden.requires_grad, autocast, str(spec), tuple(parts))
 
+    def decide(self, key: Any) -> str:
+        """replay, capture or eager for a training call of this shape. A shape is captured at its
+        second call if no other shape came before: where shapes vary (padding-free batches of varying
+        length), graphs stay off, since a captured pool would sit beside every eager call's memory."""
+        if key in self.graphs:
+            return "replay"
+        self.seen[key] += 1
+        if self.graphs or len(self.seen) > 1:
+            if not self.graphs and not self.varied:
+                self.varied = True
+                log.info("micro-batch shapes vary; the decoder layers run without CUDA graphs")
+            return "eager"
+        return "capture" if self.seen[key] >= 2 else "eager"
+
     def __call__(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         training = self.layers[0].training and torch.is_grad_enabled()
         if not (self.capture and training and hidden_states.is_cuda and self.disabled_reason is None):
@@ -211,16 +227,14 @@ class StackRunner:
         try:
             key = self._key(hidden_states, leaves, spec)
         except TypeError:  # an unhashable argument (a cache object): no graph for it
+            key = None
+        action = "eager" if key is None else self.decide(key)
+        if action == "eager":
             self.eager_calls += 1
-            return self.run_layers(hidden_states, kwargs)
-        graph = self.graphs.get(key)
-        if graph is None:
-            self.seen[key] += 1
-            if self.seen[key] < 2 or len(self.graphs) >= self.max_graphs:
-                self.eager_calls += 1
-                return self.run_layers(hidden_states, kwargs)
+            return self.run_lean(hidden_states, kwargs) if self.graphs else self.run_layers(hidden_states, kwargs)
+        if action == "capture":
             try:
-                graph = self.graphs[key] = _StackGraph(self, hidden_states, leaves, spec, self.warmup)
+                self.graphs[key] = _StackGraph(self, hidden_states, leaves, spec, self.warmup)
             except Exception as exc:  # a failed capture leaves CUDA's generator unusable: no going on eagerly
                 self.disabled_reason = f"{type(exc).__name__}: {exc}"
                 raise RuntimeError(
@@ -228,10 +242,22 @@ class StackRunner:
                 ) from exc
             log.info("decoder stack captured as CUDA graphs for %s tokens", "x".join(map(str, hidden_states.shape[:2])))
         self.replays += 1
-        return _StackReplay.apply(graph, tuple(leaves), hidden_states, *self.params)
+        return _StackReplay.apply(self.graphs[key], tuple(leaves), hidden_states, *self.params)
+
+    def run_lean(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The layers eagerly with every one recomputed: a shape other than the captured one (the last,
+        shorter batch of an epoch, say) then adds only the layers' inputs beside the graphs' pool."""
+        flags = [layer.gradient_checkpointing for layer in self.layers]
+        for layer in self.layers:
+            layer.gradient_checkpointing = True
+        try:
+            return self.run_layers(hidden, kwargs)
+        finally:
+            for layer, flag in zip(self.layers, flags):
+                layer.gradient_checkpointing = flag
 
 
-def enable_cuda_graphs(model: nn.Module, *, capture: bool = True, max_graphs: int = 1) -> StackRunner | None:
+def enable_cuda_graphs(model: nn.Module, *, capture: bool = True) -> StackRunner | None:
     """Run the model's decoder stack through a StackRunner; returns it, or None where the model's
     layers are not one ModuleList the forward slices (then nothing changes).
 
@@ -251,11 +277,10 @@ def enable_cuda_graphs(model: nn.Module, *, capture: bool = True, max_graphs: in
         return None
     layers = list(container)
     lora = [m for layer in layers for m in _lora_linears(layer)]
-    runner = StackRunner(layers, lora, capture=capture, max_graphs=max_graphs)
+    runner = StackRunner(layers, lora, capture=capture)
     if capture:
-        for layer in layers:
-            if getattr(layer, "_gradient_checkpointing_func", None) is not None:
-                layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+        for layer in layers:  # every layer can recompute (StackRunner.run_lean), none saving the RNG state
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
         for module in lora:
             module._lora_seed_required = True
     container.__class__ = _LayerList

@@ -25,6 +25,7 @@ Recipes (each in its own process, so patches and allocator state never leak betw
                 packed batches with varlen (or cuDNN) attention, planned checkpointing and micro-batch
   fast_bits     fast with train.dropout_mask_bits: true (LoRA dropout masks as bits, a Triton kernel)
   fast_graphs   fast with train.cuda_graphs: true (the decoder stack replayed from CUDA graphs; bit masks)
+  fast_eager    fast with train.cuda_graphs: false (the fast path before CUDA graphs)
   fast_max      the fast path with the whole GPU as its budget (memory_budget_gib: auto)
   fast_expseg   fast with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the allocator grows
                 segments instead of splitting cached blocks; the pipeline sets it for training)
@@ -78,7 +79,7 @@ BATCH = {"1b": 8, "8b": 4, "tiny": 4}
 SEQ_LEN = {"1b": 2048, "8b": 2048, "tiny": 128}
 LORA = dict(r=16, alpha=32, dropout=0.05)  # the pipeline's params.yaml lora section
 VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0
-BUDGETED = ("fast", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
+BUDGETED = ("fast", "fast_eager", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,10 +188,11 @@ def setup_recipe(model, spec: dict[str, Any]):
         memory_budget_gib=spec.get("budget_gib") or "auto",
         compile=recipe.startswith("fast_compiled"),
         dropout_mask_bits=recipe == "fast_bits",
-        cuda_graphs=recipe == "fast_graphs",
+        cuda_graphs=True if recipe == "fast_graphs" else False if recipe == "fast_eager" else "auto",
     )
     model = apply_lora(model, lora_settings(dropout))
-    model, cfg, report = apply_fast_path(model, cfg, max_seq_len=spec["seq_len"])
+    fixed = spec["workload"] == "fixed"  # what rows_of_one_length finds for the pipeline's rows
+    model, cfg, report = apply_fast_path(model, cfg, max_seq_len=spec["seq_len"], fixed_shapes=fixed)
     collator = PackingCollator(spec["seq_len"], attention_boundaries=True) if report.padding_free else collate_padded
     return model, cfg.per_device_batch_size, cfg.gradient_accumulation_steps, collator, report
 
@@ -424,11 +426,11 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for workload in ("fixed", "variable"):
             by = {r["recipe"]: r for r in results if r["shape"] == shape and r["workload"] == workload and "error" not in r and not r.get("check")}
             row = {"shape": shape, "workload": workload}
-            for name in ("fast", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled", "fast_compiled_m4"):
+            for name in ("fast", "fast_eager", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled", "fast_compiled_m4"):
                 fast = by.get(name)
                 if not fast:
                     continue
-                for base in ("original", "original_noamp", "plain", "plain_nockpt", "fast"):
+                for base in ("original", "original_noamp", "plain", "plain_nockpt", "fast_eager", "fast"):
                     if base in by and base != name:
                         row[f"{name}_over_{base}_speed"] = round(fast["tokens_per_s"] / by[base]["tokens_per_s"], 2)
                         if "peak_gib" in fast and "peak_gib" in by[base]:

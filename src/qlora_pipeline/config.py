@@ -204,10 +204,11 @@ class TrainConfig(_Section):
     the compile). auto: on with a CUDA GPU. Off by default: no speed-up measured on an H200
     (benchmarks/README.md)."""
 
-    cuda_graphs: bool | Literal["auto"] = False
+    cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay the decoder layers' forward and backward from CUDA graphs (core/fast/graphs.py): the
     host's kernel launches leave the step. Needs fused_lora; LoRA dropout then keeps its masks as bits
-    (triton). One shape is captured, so it pays with fixed-length rows. auto: on with one CUDA GPU."""
+    (triton). One shape is captured, so it pays with rows of one length (packing). auto: on with one
+    CUDA GPU when the training rows have one length."""
 
     @field_validator("gradient_checkpointing")
     @classmethod

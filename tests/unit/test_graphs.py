@@ -73,7 +73,7 @@ def test_capture_requires_seeded_bit_masks_for_lora_dropout(tiny_model):
 
 
 def test_cuda_graphs_switch_and_its_refusals():
-    assert TrainConfig().cuda_graphs is False
+    assert TrainConfig().cuda_graphs == "auto"
     assert fast.resolve_options(TrainConfig(cuda_graphs="auto"), "cpu").cuda_graphs is False
     with pytest.raises(ConfigError, match="train.cuda_graphs is true but it is not available here"):
         fast.resolve_options(TrainConfig(cuda_graphs=True), "cpu")
@@ -130,3 +130,27 @@ def test_lean_run_recomputes_every_layer_for_that_call_only(tiny_model, monkeypa
     assert [layer.gradient_checkpointing for layer in runner.layers] == [False, False]
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize(
+    ("lengths", "one"),
+    [([8, 8, 8, 8], True), ([8, 8, 8, 5], True), ([5, 8, 8, 8], True), ([8, 8, 5, 5], False), ([3, 9, 4], False), ([7], True)],
+)
+def test_rows_of_one_length_allow_one_short_last_row(lengths, one):
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    assert fast.rows_of_one_length(rows) is one
+
+
+def test_auto_takes_graphs_only_for_one_shape_and_true_insists():
+    options = fast.FastOptions(liger=False, fused_lora=True, padding_free=True, checkpointing="auto", tune_micro_batch=True,
+                               memory_budget_gib=10.0, cuda_graphs=True)
+    possible = fast._graphs_possible
+    assert possible(TrainConfig(), options, 0.0, fixed_shapes=True) is True
+    assert possible(TrainConfig(), options, 0.0, fixed_shapes=False) is False  # varying shapes: auto stays eager
+    assert possible(TrainConfig(cuda_graphs=True), options, 0.0, fixed_shapes=False) is True
+    unfused = fast.FastOptions(**{**vars(options), "fused_lora": False})
+    assert possible(TrainConfig(), unfused, 0.0, fixed_shapes=True) is False
+    with pytest.raises(ConfigError, match="train.cuda_graphs is true but needs fused LoRA layers"):
+        possible(TrainConfig(cuda_graphs=True), unfused, 0.0, fixed_shapes=True)

@@ -22,9 +22,10 @@ peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
   no faster (Triton's launch cost on the host outweighs its lighter kernels);
 - padding-free batches: pad tokens dropped, samples packed into one row with per-sample position
   ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
-- CUDA graphs (opt-in, `train.cuda_graphs`): the decoder stack's forward and backward (recompute
-  included) replayed as two CUDA graphs per micro-batch shape, so the host's launches leave the
-  step (graphs.py); the LoRA dropout then keeps bit masks, seeded per layer from a tensor;
+- CUDA graphs (`train.cuda_graphs`; auto: with one CUDA GPU and training rows of one length, as
+  packing makes them): the decoder stack's forward and backward (recompute included) replayed as
+  two CUDA graphs, so the host's launches leave the step (graphs.py); the LoRA dropout then keeps
+  bit masks, seeded per layer from a tensor. 1B shape: 1.16x at 0.82x the memory; 8B: 1.01x;
 - compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
   graph, no graph breaks, ~11 s at the first step); liger then keeps only its fused
   linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it was slower at
@@ -126,7 +127,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     # entry point
-    "FastPathReport", "apply_fast_path", "longest_example",
+    "FastPathReport", "apply_fast_path", "longest_example", "rows_of_one_length",
     # options
     "GIB", "FastOptions", "available_ram_bytes", "compile_available", "default_cpu_memory_budget_gib",
     "default_memory_budget_gib", "liger_available", "resolve_options", "resolve_switch",
@@ -197,14 +198,25 @@ class FastPathReport:
         return "; ".join(parts)
 
 
-def longest_example(dataset: Any, column: str = "input_ids") -> int:
-    """Tokens in the longest training row (a datasets.Dataset, or any sequence of dicts)."""
+def _row_lengths(dataset: Any, column: str = "input_ids") -> list[int]:
     try:
         import pyarrow.compute as pc
 
-        return int(pc.max(pc.list_value_length(dataset.data.column(column))).as_py())
+        return pc.list_value_length(dataset.data.column(column)).to_pylist()
     except Exception:
-        return max(len(row[column]) for row in dataset)
+        return [len(row[column]) for row in dataset]
+
+
+def longest_example(dataset: Any, column: str = "input_ids") -> int:
+    """Tokens in the longest training row (a datasets.Dataset, or any sequence of dicts)."""
+    return max(_row_lengths(dataset, column))
+
+
+def rows_of_one_length(dataset: Any, column: str = "input_ids") -> bool:
+    """Every training row but at most one (the last of packed rows) has the same length, so the
+    micro-batches have one shape (what CUDA graphs need to pay)."""
+    lengths = _row_lengths(dataset, column)
+    return len(lengths) - max(lengths.count(lengths[0]), lengths.count(lengths[-1])) <= 1 if lengths else False
 
 
 def apply_fast_path(
@@ -214,13 +226,16 @@ def apply_fast_path(
     *,
     max_seq_len: int | None = None,
     lora_dropout: float | None = None,
+    fixed_shapes: bool | None = None,
 ) -> tuple[nn.Module, TrainConfig, FastPathReport]:
     """Apply the fast path to a peft model; returns it with the train config to use and a report.
 
     The config comes back with per_device_batch_size / gradient_accumulation_steps chosen by the
     memory plan (same effective batch). With padding-free batches on (report.padding_free), the
     Trainer's collator must give them: make_collator(..., padding_free=True).
-    Call after the LoRA adapters are attached and before the Trainer is built.
+    Call after the LoRA adapters are attached and before the Trainer is built. fixed_shapes: whether
+    every micro-batch has one shape (train.cuda_graphs auto takes graphs only then); None: from
+    train_dataset's row lengths (rows_of_one_length), False without a dataset.
 
     Raises:
         ConfigError: a switch of cfg is true where this machine lacks the feature.
@@ -232,7 +247,9 @@ def apply_fast_path(
     if lora_dropout is None:
         lora_dropout = _lora_dropout(model)
     liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
-    graphs = _graphs_possible(cfg, options, lora_dropout)
+    if fixed_shapes is None:
+        fixed_shapes = train_dataset is not None and rows_of_one_length(train_dataset)
+    graphs = _graphs_possible(cfg, options, lora_dropout, fixed_shapes)
     # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves;
     # CUDA graphs need the bit masks' seeded dropout
     bit_masks = options.fused_lora and (options.dropout_mask_bits or (graphs and lora_dropout > 0)) and not options.compile
@@ -283,14 +300,16 @@ def apply_fast_path(
     return model, cfg, report
 
 
-def _graphs_possible(cfg: TrainConfig, options: FastOptions, lora_dropout: float) -> bool:
+def _graphs_possible(cfg: TrainConfig, options: FastOptions, lora_dropout: float, fixed_shapes: bool) -> bool:
     """CUDA graphs on for this run: switched on, fused LoRA, not compiled, and where LoRA dropout is on,
-    the bit masks available (their seeded dropout is what a captured recompute can repeat).
+    the bit masks available (their seeded dropout is what a captured recompute can repeat); for auto,
+    also micro-batches of one shape (else the graphs would not be captured, and the bit masks they
+    bring are slower eagerly: benchmarks/README.md).
 
     Raises:
         ConfigError: train.cuda_graphs is true and one of these is missing.
     """
-    if not options.cuda_graphs:
+    if not options.cuda_graphs or (cfg.cuda_graphs == "auto" and not fixed_shapes):
         return False
     missing = None
     if not options.fused_lora or options.compile:

@@ -6,7 +6,7 @@ core/train.py makes this call before it builds the Trainer; the padding-free bat
 data collator (core/data/collate.py, `make_collator(..., padding_free=...)`). Each piece has a knob in `train:`
 (params.yaml) whose default `auto` means "on with a CUDA GPU" unless said otherwise below. On the
 8B shape on an H200 (benchmarks/README.md), with the memory budget at 0.6x the original recipe's
-peak, the pieces together give 11,501 tokens/s at 13.2 GiB:
+peak, the pieces together give 11,567 tokens/s at 14.1 GiB:
 
 - per-layer gradient checkpointing: recompute only as many decoder layers as the memory budget
   needs, the first ones (their recompute runs last, when the later layers' activations are freed);

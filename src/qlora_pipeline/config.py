@@ -207,7 +207,8 @@ class TrainConfig(_Section):
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay the decoder layers' forward and backward from CUDA graphs (core/fast/graphs.py): the
     host's kernel launches leave the step. Needs fused_lora; LoRA dropout then keeps its masks as bits
-    (triton). One shape is captured, so it pays with rows of one length (packing). auto: on with one
+    (triton). One shape is captured, so it pays where every training row has one length (a corpus
+    cut into max_seq_len chunks); SFT samples of varying length stay eager. auto: on with one
     CUDA GPU when the training rows have one length."""
 
     @field_validator("gradient_checkpointing")

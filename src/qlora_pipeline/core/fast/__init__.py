@@ -22,8 +22,8 @@ peak, the pieces together give 11,567 tokens/s at 14.1 GiB:
   no faster (Triton's launch cost on the host outweighs its lighter kernels);
 - padding-free batches: pad tokens dropped, samples packed into one row with per-sample position
   ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
-- CUDA graphs (`train.cuda_graphs`; auto: with one CUDA GPU and training rows of one length, as
-  packing makes them): the decoder stack's forward and backward (recompute included) replayed as
+- CUDA graphs (`train.cuda_graphs`; auto: with one CUDA GPU and training rows all of one length,
+  a corpus cut into max_seq_len chunks say): the decoder stack's forward and backward (recompute included) replayed as
   two CUDA graphs, so the host's launches leave the step (graphs.py); the LoRA dropout then keeps
   bit masks, seeded per layer from a tensor. 1B shape: 1.16x at 0.82x the memory; 8B: 1.01x;
 - compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
@@ -213,7 +213,7 @@ def longest_example(dataset: Any, column: str = "input_ids") -> int:
 
 
 def rows_of_one_length(dataset: Any, column: str = "input_ids") -> bool:
-    """Every training row but at most one (the last of packed rows) has the same length, so the
+    """Every training row but at most one (the last chunk of a corpus cut into chunks) has the same length, so the
     micro-batches have one shape (what CUDA graphs need to pay)."""
     lengths = _row_lengths(dataset, column)
     return len(lengths) - max(lengths.count(lengths[0]), lengths.count(lengths[-1])) <= 1 if lengths else False

@@ -149,3 +149,24 @@ def test_demo_generator_reproduces_the_committed_file():
     lines = [json.dumps(r, ensure_ascii=False) for r in module.make_records()]
     assert (DEMO / "instructions.jsonl").read_text(encoding="utf-8") == "\n".join(lines) + "\n"
     assert len(lines) == 300
+
+
+def test_datasets_never_pickle_the_tables_to_fingerprint_them(tmp_path, tok, monkeypatch):
+    # datasets fingerprints a Dataset built without one by pickling its whole table with dill: slow
+    # for big splits, and on some Python 3.12 setups it fails (pyarrow's MonthDayNano type). The
+    # prepared splits carry a fingerprint of their content instead, the same for the same rows.
+    import datasets.arrow_dataset
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a table was pickled to fingerprint it")
+
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+    write_records(tmp_path / "d.jsonl", 30)
+    cfg = DataConfig(raw_path="d.jsonl", eval_fraction=0.2, seed=3)
+    first, again = prepare_data(cfg, tok, tmp_path), prepare_data(cfg, tok, tmp_path)
+    assert first.train._fingerprint == again.train._fingerprint != first.eval._fingerprint
+    write_prepared(first, tmp_path / "out")
+    loaded = load_prepared(tmp_path / "out", "train")
+    assert loaded._fingerprint == load_prepared(tmp_path / "out", "train")._fingerprint != load_prepared(tmp_path / "out", "eval")._fingerprint
+    assert loaded.features == first.train.features == store.FEATURES
+    assert loaded.remove_columns(["source"]).column_names == [c for c in store.COLUMNS if c != "source"]

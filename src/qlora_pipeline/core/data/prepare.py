@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
+import pyarrow as pa
 
 from qlora_pipeline.config import DataConfig
 from qlora_pipeline.core.data.encode import IGNORE_INDEX, Encoder, TemplateProblem
 from qlora_pipeline.core.data.records import Example, validate_rows
 from qlora_pipeline.core.data.sources import BadRow, Row, display_path, read_file, resolve_files
-from qlora_pipeline.core.data.store import COLUMNS, FEATURES, PreparedData
+from qlora_pipeline.core.data.store import COLUMNS, FEATURES, PreparedData, as_dataset
 from qlora_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def prepare_data(cfg: DataConfig, tokenizer, root: Path = Path(".")) -> Prepared
             encoder.rows_split_at_prompt,
         )
     return PreparedData(
-        train=datasets.Dataset.from_dict(train_rows, features=FEATURES),
-        eval=datasets.Dataset.from_dict(eval_rows, features=FEATURES),
+        train=as_dataset(pa.Table.from_pydict(train_rows, schema=FEATURES.arrow_schema)),
+        eval=as_dataset(pa.Table.from_pydict(eval_rows, schema=FEATURES.arrow_schema)),
         stats=stats,
         report=_report(bad, dropped, rows_read, cfg.max_bad_fraction),
         lengths=[len(ids) for ids in [*train_rows["input_ids"], *eval_rows["input_ids"]]],

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qlora_pipeline.atomic import atomic_dir
@@ -94,4 +95,20 @@ def load_prepared(out_dir: Path, split: str) -> datasets.Dataset:
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise DataError(f"{path} lacks columns {', '.join(missing)}; it is stale or foreign, run `qlora prepare` again")
-    return datasets.Dataset(table)
+    return as_dataset(table)
+
+
+def as_dataset(table: pa.Table) -> datasets.Dataset:
+    """An in-memory Dataset of a prepared table, fingerprinted from its content (xxhash of its Arrow
+    buffers): datasets would otherwise pickle the whole table with dill to fingerprint it, which is
+    slow for big splits and fails on some Python 3.12 setups (pyarrow's MonthDayNano type)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    digest.update(repr(table.schema).encode())
+    for column in table.columns:
+        for chunk in column.chunks:
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    digest.update(memoryview(buffer))
+    return datasets.Dataset(table, fingerprint=digest.hexdigest())

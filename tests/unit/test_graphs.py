@@ -154,3 +154,22 @@ def test_auto_takes_graphs_only_for_one_shape_and_true_insists():
     assert possible(TrainConfig(), unfused, 0.0, fixed_shapes=True) is False
     with pytest.raises(ConfigError, match="train.cuda_graphs is true but needs fused LoRA layers"):
         possible(TrainConfig(cuda_graphs=True), unfused, 0.0, fixed_shapes=True)
+
+
+def test_fsdp_keeps_liger_loss_kernel_off_and_plans_the_logits(tiny_model, monkeypatch):
+    # liger's fused linear+cross-entropy reads the head's weight without calling the head, so FSDP
+    # never gathers it (on the GPU: "mixed torch.Tensor and DTensor"); sharded runs keep it off
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora)
+    calls = []
+    monkeypatch.setattr(fast.options, "liger_available", lambda: True)
+    monkeypatch.setattr(fast, "apply_liger", lambda m, **kw: calls.append(kw) or True)
+    for sharded in (False, True):
+        fast.apply_fast_path(model, TrainConfig(use_liger=True), max_seq_len=16, sharded=sharded)
+    assert [c["loss_kernel"] for c in calls] == [True, False]
+    from transformers import LlamaConfig
+
+    dims = fast.ModelDims.from_config(LlamaConfig(**LLAMA_8B))
+    fused = fast.estimate_peak_bytes(dims, 8192, 29, 6e9, liger=True, lora_dropout=0.05)
+    unfused = fast.estimate_peak_bytes(dims, 8192, 29, 6e9, liger=True, lora_dropout=0.05, fused_loss=False)
+    assert unfused - fused == pytest.approx(8192 * dims.vocab * (2 + 4 + 4))

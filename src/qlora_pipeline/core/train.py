@@ -212,7 +212,7 @@ def train_adapter(
         return _result(done.state, done.run_loss, resume, loss_rows(done.state.get("log_history", [])), eval_dataset is not None)
     # Fast path (core/fast/): may change the model and micro-batch x accumulation. On a CPU it
     # plans recompute against RAM and fuses the LoRA layers; the GPU-only pieces stay off.
-    model, cfg, report = apply_fast_path(model, cfg, train_dataset)
+    model, cfg, report = apply_fast_path(model, cfg, train_dataset, sharded=sharded)
     if report.padding_free and not getattr(collator, "attention_boundaries", False):
         log.warning("train.padding_free is on but the collator pads its batches; build it with make_collator(..., padding_free=True)")
         report = dataclasses.replace(report, padding_free=False)  # the record says what trained

@@ -227,6 +227,7 @@ def apply_fast_path(
     max_seq_len: int | None = None,
     lora_dropout: float | None = None,
     fixed_shapes: bool | None = None,
+    sharded: bool = False,
 ) -> tuple[nn.Module, TrainConfig, FastPathReport]:
     """Apply the fast path to a peft model; returns it with the train config to use and a report.
 
@@ -235,7 +236,8 @@ def apply_fast_path(
     Trainer's collator must give them: make_collator(..., padding_free=True).
     Call after the LoRA adapters are attached and before the Trainer is built. fixed_shapes: whether
     every micro-batch has one shape (train.cuda_graphs auto takes graphs only then); None: from
-    train_dataset's row lengths (rows_of_one_length), False without a dataset.
+    train_dataset's row lengths (rows_of_one_length), False without a dataset. sharded: the model
+    will train under FSDP (liger's fused linear+cross-entropy then stays off, see apply_liger).
 
     Raises:
         ConfigError: a switch of cfg is true where this machine lacks the feature.
@@ -246,7 +248,7 @@ def apply_fast_path(
     dims = ModelDims.from_config(base.config)
     if lora_dropout is None:
         lora_dropout = _lora_dropout(model)
-    liger = apply_liger(model, layer_kernels=not options.compile) if options.liger else False
+    liger = apply_liger(model, layer_kernels=not options.compile, loss_kernel=not sharded) if options.liger else False
     if fixed_shapes is None:
         fixed_shapes = train_dataset is not None and rows_of_one_length(train_dataset)
     graphs = _graphs_possible(cfg, options, lora_dropout, fixed_shapes)
@@ -279,6 +281,7 @@ def apply_fast_path(
         element_bytes=float(base.get_input_embeddings().weight.element_size()),
         float32_masks=not _cuda(device),
         graphs=graphs,
+        fused_loss=liger and not sharded,
     )
     set_checkpointed_layers(model, plan.checkpoint_layers)
     compiled = compile_layers(model) if options.compile else 0

@@ -37,11 +37,13 @@ def compile_layers(model: nn.Module, *, mode: str | None = None) -> int:
     return len(layers)
 
 
-def apply_liger(model: nn.Module, *, layer_kernels: bool = True) -> bool:
+def apply_liger(model: nn.Module, *, layer_kernels: bool = True, loss_kernel: bool = True) -> bool:
     """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel, on this instance.
 
     layer_kernels=False: the fused linear+cross-entropy alone (for compiled decoder layers, where
     inductor fuses the norms, RoPE and SwiGLU itself and liger's kernels would only break its graph).
+    loss_kernel=False: without the fused linear+cross-entropy (FSDP: it reads the head's weight
+    without calling the head, so FSDP never gathers it: "mixed torch.Tensor and DTensor" on a GPU).
     """
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     from transformers.integrations.liger import apply_liger_kernel
@@ -50,7 +52,10 @@ def apply_liger(model: nn.Module, *, layer_kernels: bool = True) -> bool:
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         log.info("liger-kernel has no kernels for model type %r; skipped", model_type)
         return False
-    apply_liger_kernel(model, {} if layer_kernels else {"rope": False, "rms_norm": False, "swiglu": False})
+    kwargs = {} if layer_kernels else {"rope": False, "rms_norm": False, "swiglu": False}
+    if not loss_kernel:
+        kwargs["fused_linear_cross_entropy"] = False
+    apply_liger_kernel(model, kwargs)
     return True
 
 

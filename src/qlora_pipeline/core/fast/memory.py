@@ -143,6 +143,7 @@ def estimate_peak_bytes(
     element_bytes: float = 2.0,
     float32_masks: bool = False,
     graphs: bool = False,
+    fused_loss: bool | None = None,
 ) -> float:
     """Peak memory of one training step with `tokens` tokens per micro-batch: GPU memory, or on a CPU
     what the step adds to the process's RSS (static_bytes then counts only what training adds).
@@ -151,7 +152,8 @@ def estimate_peak_bytes(
     plus the recomputed layers' inputs) and the backward of the recomputed layers (their inputs
     plus the one layer being recomputed; the kept layers, the last ones, are freed by then).
     element_bytes, float32_masks: as for layer_activation_bytes. graphs: the decoder stack replayed
-    from CUDA graphs (GRAPH_HIDDEN_STATES).
+    from CUDA graphs (GRAPH_HIDDEN_STATES). fused_loss: liger's linear+cross-entropy, which never
+    materialises the logits (None: as liger).
     """
     per_layer = layer_activation_bytes(
         dims, liger=liger, lora_dropout=lora_dropout, bit_masks=bit_masks, element_bytes=element_bytes,
@@ -161,7 +163,7 @@ def estimate_peak_bytes(
     kept = dims.num_layers - checkpoint_layers
     inputs = checkpoint_layers * element_bytes * dims.hidden
     activations = tokens * (inputs + max(kept, 1 if checkpoint_layers else 0) * per_layer)
-    if liger:
+    if liger if fused_loss is None else fused_loss:
         loss = 0.0  # logits are never materialised; chunks fit in the misc term below
     else:
         loss = tokens * dims.vocab * (element_bytes + 4.0 + 4.0)  # logits, fp32 upcast (or log-softmax), fp32 grad
@@ -218,6 +220,7 @@ def plan_memory(
     element_bytes: float = 2.0,
     float32_masks: bool = False,
     graphs: bool = False,
+    fused_loss: bool | None = None,
 ) -> MemoryPlan:
     """The fastest (micro-batch, recomputed layers) whose estimated peak fits the budget.
 
@@ -233,7 +236,7 @@ def plan_memory(
     def peak(b: int, k: int) -> float:
         return estimate_peak_bytes(
             dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, bit_masks=bit_masks,
-            element_bytes=element_bytes, float32_masks=float32_masks, graphs=graphs,
+            element_bytes=element_bytes, float32_masks=float32_masks, graphs=graphs, fused_loss=fused_loss,
         )
 
     best: tuple[float, int, int] | None = None

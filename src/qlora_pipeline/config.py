@@ -254,6 +254,11 @@ class TrainConfig(_Section):
                 "distributed: fsdp shards the model across several GPUs but num_gpus is 1; "
                 "set num_gpus to auto or a number > 1, or distributed to auto"
             )
+        if self.cuda_graphs is True and isinstance(self.num_gpus, int) and self.num_gpus > 1:
+            raise ValueError(
+                f"cuda_graphs: true runs on one GPU but num_gpus is {self.num_gpus}; set cuda_graphs to auto "
+                "(off with several GPUs) or num_gpus to 1"
+            )
         if self.cuda_graphs is True and (self.compile is True or self.fused_lora is False or self.distributed == "fsdp"):
             raise ValueError(
                 "cuda_graphs: true needs fused LoRA layers, without compile and without fsdp (the graphs hold "

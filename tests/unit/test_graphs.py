@@ -83,10 +83,15 @@ def test_cuda_graphs_switch_and_its_refusals():
 
 
 def test_graphs_refused_where_several_ranks_run(monkeypatch):
+    with pytest.raises(ValueError, match="cuda_graphs: true runs on one GPU but num_gpus is 2"):
+        TrainConfig(cuda_graphs=True, num_gpus=2, gradient_accumulation_steps=4)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert fast.options._single_process() is False
+    assert fast.options._cuda_graphs_switch("auto", on_gpu=True) is False
+    with pytest.raises(ConfigError, match="one of several ranks"):
+        fast.options._cuda_graphs_switch(True, on_gpu=True)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert fast.options._single_process() is True
+    assert fast.options._cuda_graphs_switch("auto", on_gpu=True) is True
+    assert fast.options._cuda_graphs_switch("auto", on_gpu=False) is False
 
 
 def test_plan_counts_the_graphs_buffers_and_no_host_time():

@@ -113,12 +113,15 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
     bit_mask = p > 0 and getattr(self, "_lora_bitmask_dropout", False) and bitmask_dropout.supports(x)
     bits16 = p > 0 and not bit_mask and getattr(self, "_lora_bits16_dropout", False) and x.device.type == "cpu"
-    if p > 0 and not bit_mask and getattr(self, "_lora_seed_required", False):
-        raise RuntimeError(
-            f"LoRA dropout on a {tuple(x.shape)} {x.device.type} input cannot take the bit-mask dropout that CUDA graphs "
-            "need; set train.cuda_graphs to false"
-        )
     seed = getattr(self, "_lora_seed", None) if bit_mask else None
+    if p > 0 and getattr(self, "_lora_seed_required", False) and seed is None:
+        # a recompute without the seed would draw another mask than the forward (graphs.py)
+        why = (
+            f"LoRA dropout on a {tuple(x.shape)} {x.device.type} input cannot take the bit-mask dropout that CUDA graphs need"
+            if not bit_mask
+            else "the model's forward did not run its decoder layers through the CUDA-graph runner"
+        )
+        raise RuntimeError(f"{why}; set train.cuda_graphs to false")
     member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, runs_base_matmul, bit_mask, bits16, seed)
     return member, weight_a, weight_b
 

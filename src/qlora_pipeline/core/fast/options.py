@@ -80,8 +80,22 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         memory_budget_gib=budget,
         compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
         dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=bitmask_dropout.available()),
-        cuda_graphs=resolve_switch(cfg.cuda_graphs, "cuda_graphs", on_gpu=on_gpu, available=on_gpu and _single_process()),
+        cuda_graphs=_cuda_graphs_switch(cfg.cuda_graphs, on_gpu),
     )
+
+
+def _cuda_graphs_switch(value: bool | str, on_gpu: bool) -> bool:
+    """train.cuda_graphs resolved: auto -> with one CUDA GPU (not one of several ranks).
+
+    Raises:
+        ConfigError: true without a CUDA GPU, or in one of several ranks.
+    """
+    if value is True and on_gpu and not _single_process():
+        raise ConfigError(
+            "train.cuda_graphs is true but this is one of several ranks (torchrun); CUDA graphs run on one GPU: "
+            "set train.cuda_graphs to auto (off with several GPUs) or train.num_gpus to 1"
+        )
+    return resolve_switch(value, "cuda_graphs", on_gpu=on_gpu, available=on_gpu and _single_process())
 
 
 def _single_process() -> bool:

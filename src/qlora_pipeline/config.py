@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from qlora_pipeline.columns import columns_per_file, glob_refusal, normalize_columns
+from qlora_pipeline.config_train import Section as _Section
+from qlora_pipeline.config_train import TrainConfig
 from qlora_pipeline.errors import ConfigError
 from qlora_pipeline.overrides import apply_overrides
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("builtin:tiny-llama",)
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataConfig(_Section):
@@ -145,149 +145,6 @@ class LoraConfig(_Section):
         if isinstance(v, str) and v != "all-linear":
             raise ValueError("a string must be 'all-linear'; list module names as [q_proj, v_proj]")
         return v
-
-
-class TrainConfig(_Section):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)
-    """-1: run `epochs` epochs; otherwise stop after this many optimizer steps."""
-    per_device_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
-    learning_rate: float = Field(2e-4, gt=0, le=1.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = "adamw_torch"
-    gradient_checkpointing: bool | int | Literal["auto"] = "auto"
-    """Recompute activations in the backward: true (every decoder layer), false, a number of layers,
-    or auto (as few layers as memory_budget_gib needs: GPU memory, or RAM on a CPU)."""
-    logging_steps: int = Field(5, ge=1)
-    save_steps: int = Field(50, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    eval_steps: int = Field(0, ge=0)
-    """0: off. Else the loss on the eval split every eval_steps optimizer steps and at the last step
-    (logged as eval_loss: MLflow, plots/train_loss.png), and the adapter saved is the checkpoint with
-    the lowest eval loss, not the last one (metrics/train.json: best_step, best_eval_loss).
-    save_steps must then be a multiple of eval_steps (the Trainer's rule for keeping the best
-    checkpoint); a new best is saved whenever it is evaluated, so none is lost between saves."""
-    seed: int = 42
-    num_threads: int = Field(0, ge=0)
-    """CPU threads for torch; 0 keeps torch's default."""
-    num_gpus: int | Literal["auto"] = "auto"
-    """Ranks to train on (torchrun, data-parallel): auto, every visible GPU; or N. The global batch
-    stays per_device_batch_size x gradient_accumulation_steps (each rank accumulates 1/N of the
-    steps). On a machine without a GPU, N > 1 runs N CPU ranks (gloo)."""
-    distributed: Literal["ddp", "fsdp", "auto"] = "auto"
-    """How several ranks share the work: ddp (each rank holds the whole 4-bit model and trains on
-    its share of every batch), or fsdp (FSDP2 through accelerate: the 4-bit weights, the adapter and
-    its optimizer state sharded across the GPUs, each layer gathered while it runs; needs CUDA GPUs
-    and 4-bit storage in the compute dtype, see quantization.quant_storage). auto: ddp when the
-    model and the smallest training plan fit one GPU, fsdp otherwise (distributed.strategy)."""
-    # The fast GPU path (core/fast/). auto: on with a CUDA GPU, off on a CPU.
-    use_liger: bool | Literal["auto"] = "auto"
-    """Fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy from liger-kernel (the `gpu` extra)."""
-    fused_lora: bool | Literal["auto"] = "auto"
-    """Each LoRA linear layer as one autograd node (frozen matmul, dropout, adapter, fused add);
-    each decoder layer's last one runs its adapter first, so recompute skips its frozen matmul."""
-    dropout_mask_bits: bool | Literal["auto"] = False
-    """With fused_lora on a CUDA GPU: LoRA dropout keeps its mask as bits (a Triton kernel), not bytes:
-    ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA."""
-    padding_free: bool | Literal["auto"] = "auto"
-    """Drop pad tokens: each micro-batch becomes one row of samples, attention kept per sample."""
-    tune_micro_batch: bool = True
-    """On a GPU, trade per_device_batch_size against gradient_accumulation_steps (same product)."""
-    memory_budget_gib: float | Literal["auto"] = "auto"
-    """Peak GPU memory the plan aims under; auto: 90% of the GPU's memory."""
-    compile: bool | Literal["auto"] = False
-    """torch.compile each decoder layer (removes the per-layer Python overhead; the first step pays
-    the compile). auto: on with a CUDA GPU. Off by default: no speed-up measured on an H200
-    (benchmarks/README.md)."""
-
-    cuda_graphs: bool | Literal["auto"] = "auto"
-    """Replay the decoder layers' forward and backward from CUDA graphs (core/fast/graphs.py): the
-    host's kernel launches leave the step. Needs fused_lora; LoRA dropout then keeps its masks as bits
-    (triton). One shape is captured, so it pays where every training row has one length (a corpus
-    cut into max_seq_len chunks); SFT samples of varying length stay eager. auto: on with one
-    CUDA GPU when the training rows have one length."""
-
-    @field_validator("gradient_checkpointing")
-    @classmethod
-    def _layer_count(cls, v: bool | int | str) -> bool | int | str:
-        if not isinstance(v, bool) and isinstance(v, int) and v < 0:
-            raise ValueError("must be true, false, auto or a number of layers >= 0")
-        return v
-
-    @field_validator("num_gpus", mode="before")
-    @classmethod
-    def _rank_count(cls, v: int | str) -> int | str:
-        if isinstance(v, bool) or (isinstance(v, int) and v < 1):
-            raise ValueError("must be auto or a number of GPUs >= 1")
-        return v
-
-    @field_validator("memory_budget_gib")
-    @classmethod
-    def _positive_budget(cls, v: float | str) -> float | str:
-        if not isinstance(v, str) and v <= 0:
-            raise ValueError("must be auto or a positive number of GiB, e.g. 14")
-        return v
-
-    @model_validator(mode="after")
-    def _fast_path_combinations(self) -> "TrainConfig":
-        """Switches that cannot work together, refused at load time (qlora check), not at train start."""
-        if isinstance(self.num_gpus, int) and self.num_gpus > 1 and self.gradient_accumulation_steps % self.num_gpus:
-            fits, accum = (self.gradient_accumulation_steps // self.num_gpus + 1) * self.num_gpus, self.gradient_accumulation_steps
-            raise ValueError(f"gradient_accumulation_steps ({accum}) must be a multiple of num_gpus ({self.num_gpus}): the global batch "
-                             f"is divided among the ranks; set it to {fits}, or num_gpus to a divisor of it")
-        if self.dropout_mask_bits is True and self.fused_lora is False:
-            raise ValueError(
-                "dropout_mask_bits: true needs fused LoRA layers (the bit masks live in their autograd node); "
-                "set fused_lora to auto or true, or dropout_mask_bits to false"
-            )
-        if self.distributed == "fsdp" and self.compile is True:
-            raise ValueError(
-                "distributed: fsdp and compile: true cannot both apply: compiled decoder layers are not "
-                "supported under FSDP here; set compile to false (or auto), or distributed to ddp"
-            )
-        if self.distributed == "fsdp" and self.num_gpus == 1:
-            raise ValueError(
-                "distributed: fsdp shards the model across several GPUs but num_gpus is 1; "
-                "set num_gpus to auto or a number > 1, or distributed to auto"
-            )
-        if self.cuda_graphs is True and isinstance(self.num_gpus, int) and self.num_gpus > 1:
-            raise ValueError(
-                f"cuda_graphs: true runs on one GPU but num_gpus is {self.num_gpus}; set cuda_graphs to auto "
-                "(off with several GPUs) or num_gpus to 1"
-            )
-        if self.cuda_graphs is True and (self.compile is True or self.fused_lora is False or self.distributed == "fsdp"):
-            raise ValueError(
-                "cuda_graphs: true needs fused LoRA layers, without compile and without fsdp (the graphs hold "
-                "the whole layers); set cuda_graphs to false, or fused_lora to auto/true and compile to false"
-            )
-        if self.dropout_mask_bits is True and self.compile is True:
-            raise ValueError(
-                "dropout_mask_bits: true and compile: true cannot both apply: compiled layers fuse their own "
-                "dropout and keep no mask; set one of them to false (or auto)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _eval_fits_schedule(self) -> "TrainConfig":
-        if not self.eval_steps:
-            return self
-        if self.save_steps % self.eval_steps:
-            lower = self.save_steps // self.eval_steps * self.eval_steps
-            options = f"{lower} or {lower + self.eval_steps}" if lower else f"{self.eval_steps}"
-            raise ValueError(
-                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) so that the best "
-                f"checkpoint can be kept; set save_steps to {options}, or eval_steps to a divisor of {self.save_steps}"
-            )
-        if self.max_steps > 0 and self.eval_steps > self.max_steps:
-            raise ValueError(
-                f"eval_steps ({self.eval_steps}) is past the last step (max_steps {self.max_steps}): the eval curve "
-                f"would have one point; set eval_steps to at most {self.max_steps}, or 0 to turn it off"
-            )
-        return self
 
 
 class EvaluateConfig(_Section):

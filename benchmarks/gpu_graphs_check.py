@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     seq = SEQ_LEN[args.shape]
     model = build_model(args.shape, "cuda", torch.bfloat16, seed=0)
     model = apply_lora(model, lora_settings(args.dropout))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which leaves A's gradient zero and dropout without effect on the loss
+            torch.nn.init.normal_(param, std=0.02)
     cfg = TrainConfig(
         per_device_batch_size=args.rows, gradient_accumulation_steps=1, gradient_checkpointing=True, use_liger="auto",
         fused_lora=True, padding_free=True, tune_micro_batch=False, memory_budget_gib=120, cuda_graphs=True,

@@ -131,7 +131,8 @@ class TrainConfig(Section):
         if self.cuda_graphs is True and (self.compile is True or self.fused_lora is False or self.distributed == "fsdp"):
             raise ValueError(
                 "cuda_graphs: true needs fused LoRA layers, without compile and without fsdp (the graphs hold "
-                "the whole layers); set cuda_graphs to false, or fused_lora to auto/true and compile to false"
+                "the whole layers); set cuda_graphs to auto or false, or fused_lora to auto/true, compile to false "
+                "and distributed to ddp or auto"
             )
         if self.dropout_mask_bits is True and self.compile is True:
             raise ValueError(

@@ -170,3 +170,11 @@ def test_datasets_never_pickle_the_tables_to_fingerprint_them(tmp_path, tok, mon
     assert loaded._fingerprint == load_prepared(tmp_path / "out", "train")._fingerprint != load_prepared(tmp_path / "out", "eval")._fingerprint
     assert loaded.features == first.train.features == store.FEATURES
     assert loaded.remove_columns(["source"]).column_names == [c for c in store.COLUMNS if c != "source"]
+
+
+def test_slices_of_a_table_get_their_own_fingerprints():
+    import pyarrow as pa
+
+    table = pa.table({"input_ids": [[1, 2], [3], [4, 5, 6], [7]]})
+    prints = {store.as_dataset(t)._fingerprint for t in (table, table.slice(0, 2), table.slice(2, 2))}
+    assert len(prints) == 3

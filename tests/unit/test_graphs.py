@@ -75,8 +75,10 @@ def test_capture_requires_seeded_bit_masks_for_lora_dropout(tiny_model):
 def test_cuda_graphs_switch_and_its_refusals():
     assert TrainConfig().cuda_graphs == "auto"
     assert fast.resolve_options(TrainConfig(cuda_graphs="auto"), "cpu").cuda_graphs is False
-    with pytest.raises(ConfigError, match="train.cuda_graphs is true but it is not available here"):
+    with pytest.raises(ConfigError, match="train.cuda_graphs is true but no CUDA GPU is visible here"):
         fast.resolve_options(TrainConfig(cuda_graphs=True), "cpu")
+    with pytest.raises(ValueError, match="distributed to ddp or auto"):
+        TrainConfig(cuda_graphs=True, distributed="fsdp")
     for bad in ({"compile": True}, {"fused_lora": False}):
         with pytest.raises(ValueError, match="cuda_graphs: true needs fused LoRA layers"):
             TrainConfig(cuda_graphs=True, **bad)
@@ -109,13 +111,37 @@ def test_plan_counts_the_graphs_buffers_and_no_host_time():
     assert graphed_s < eager_s
 
 
+class _Captured:
+    """Stands for a captured shape in StackRunner.decide: busy while a replay awaits its backward."""
+
+    def __init__(self):
+        self.pending = None
+
+    busy = graphs._StackGraph.busy
+
+
 def test_a_shape_is_captured_at_its_second_call_unless_shapes_vary():
     runner = graphs.StackRunner([nn.Linear(2, 2)], [], capture=True)
     assert [runner.decide("a"), runner.decide("a")] == ["eager", "capture"]
-    runner.graphs["a"] = object()
+    runner.graphs["a"] = _Captured()
     assert [runner.decide("a"), runner.decide("b"), runner.decide("b")] == ["replay", "eager", "eager"]
     varied = graphs.StackRunner([nn.Linear(2, 2)], [], capture=True)
     assert [varied.decide(k) for k in ("a", "b", "a", "b")] == ["eager"] * 4 and varied.varied
+    assert len(varied.seen) == 2  # no more counting once shapes vary
+
+
+def test_a_second_forward_before_the_backward_runs_eagerly():
+    # two forwards, then two backwards: the second must not overwrite the first replay's activations
+    class Node:
+        pass
+
+    runner = graphs.StackRunner([nn.Linear(2, 2)], [], capture=True)
+    captured = runner.graphs["a"] = _Captured()
+    node = Node()
+    captured.pending = __import__("weakref").ref(node)
+    assert runner.decide("a") == "lean"
+    del node  # the first replay's graph was dropped (or its backward ran): replays resume
+    assert runner.decide("a") == "replay"
 
 
 def test_lean_run_recomputes_every_layer_for_that_call_only(tiny_model, monkeypatch):
@@ -178,3 +204,70 @@ def test_fsdp_keeps_liger_loss_kernel_off_and_plans_the_logits(tiny_model, monke
     fused = fast.estimate_peak_bytes(dims, 8192, 29, 6e9, liger=True, lora_dropout=0.05)
     unfused = fast.estimate_peak_bytes(dims, 8192, 29, 6e9, liger=True, lora_dropout=0.05, fused_loss=False)
     assert unfused - fused == pytest.approx(8192 * dims.vocab * (2 + 4 + 4))
+
+
+def test_models_the_runner_cannot_serve_keep_their_own_loop(tiny_model):
+    """graph_blocker: a forward that does not hand every layer the same arguments, or dropout that a
+    captured recompute would draw anew, and the graphs stay off (auto) or are refused (true)."""
+    from qlora_pipeline.core.fast.memory import unwrap
+
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora)
+    config = unwrap(model).config
+    assert graphs.graph_blocker(model) is None
+    for attr, value, reason in (
+        ("model_type", "opt", "model type 'opt'"),
+        ("layer_types", ["sliding_attention", "full_attention"], "different attention masks"),
+        ("attention_dropout", 0.1, "attention dropout"),
+    ):
+        before = getattr(config, attr, None)
+        setattr(config, attr, value)
+        try:
+            assert reason in graphs.graph_blocker(model)
+            assert fast.enable_cuda_graphs(model) is None and graphs._stack_container(model).__class__ is nn.ModuleList
+            options = fast.FastOptions(liger=False, fused_lora=True, padding_free=True, checkpointing="auto",
+                                       tune_micro_batch=True, memory_budget_gib=10.0, cuda_graphs=True)
+            assert fast._graphs_possible(TrainConfig(), options, 0.0, True, graphs.graph_blocker(model)) is False
+            with pytest.raises(ConfigError, match=f"train.cuda_graphs is true but cannot run here: .*{reason}"):
+                fast._graphs_possible(TrainConfig(cuda_graphs=True), options, 0.0, True, graphs.graph_blocker(model))
+        finally:
+            setattr(config, attr, before)
+    layer = fast.decoder_layers(model)[0]
+    layer.extra_dropout = nn.Dropout(0.1)
+    assert "the model's own dropout is on" in graphs.graph_blocker(model)
+    del layer.extra_dropout
+
+
+def test_trained_base_biases_run_peft_forward_and_block_graphs(tiny_model):
+    # lora.bias: all on a model whose linear layers have biases: peft's own forward (and dropout) runs
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.1}))
+    for module in fast.layers._lora_linears(model):
+        module.base_layer.bias = nn.Parameter(torch.zeros(module.base_layer.out_features))
+    assert "LoRA layers train the base layer's bias" in graphs.graph_blocker(model)
+    # and should a runner be forced on, peft's own dropout is refused rather than drawn anew
+    fast.fuse_lora(model)
+    container = graphs._stack_container(model)
+    runner = graphs.StackRunner(list(container), [m for layer in container for m in fast.layers._lora_linears(layer)])
+    for module in runner.lora_modules:
+        module._lora_seed_required = True
+    ids = torch.randint(3, 200, (1, 8))
+    model.train()
+    with pytest.raises(RuntimeError, match="runs peft's own dropout, which CUDA graphs cannot repeat"):
+        model(input_ids=ids, labels=ids)
+
+
+def test_disable_restores_checkpointing_and_the_seeds(tiny_model):
+    import functools
+
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora)
+    fast.fuse_lora(model)
+    fast.set_checkpointed_layers(model, 1)
+    before = [layer._gradient_checkpointing_func for layer in fast.decoder_layers(model)]
+    runner = fast.enable_cuda_graphs(model, capture=True)
+    assert all(isinstance(f, functools.partial) and f.keywords["preserve_rng_state"] is False
+               for f in (layer._gradient_checkpointing_func for layer in runner.layers))
+    fast.disable_cuda_graphs(model)
+    assert [layer._gradient_checkpointing_func for layer in fast.decoder_layers(model)] == before
+    assert not any(hasattr(m, "_lora_seed_required") or hasattr(m, "_lora_seed") for m in runner.lora_modules)

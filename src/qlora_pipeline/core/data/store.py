@@ -108,6 +108,7 @@ def as_dataset(table: pa.Table) -> datasets.Dataset:
     digest.update(repr(table.schema).encode())
     for column in table.columns:
         for chunk in column.chunks:
+            digest.update(f"{chunk.offset}:{len(chunk)}".encode())  # a slice shares its parent's buffers
             for buffer in chunk.buffers():
                 if buffer is not None:
                     digest.update(memoryview(buffer))

@@ -70,7 +70,7 @@ from qlora_pipeline.core.fast.attention import (
     varlen_attention_works,
 )
 from qlora_pipeline.core import bitmask_dropout
-from qlora_pipeline.core.fast.graphs import StackRunner, disable_cuda_graphs, enable_cuda_graphs
+from qlora_pipeline.core.fast.graphs import StackRunner, disable_cuda_graphs, enable_cuda_graphs, graph_blocker
 from qlora_pipeline.core.fast.layers import (
     COMPILE_BACKEND,
     SIBLING_GROUPS,
@@ -143,7 +143,7 @@ __all__ = [
     "COMPILE_BACKEND", "SIBLING_GROUPS", "apply_liger", "compile_layers", "fuse_lora", "unfuse_lora",
     "_lora_inputs",
     # graphs
-    "StackRunner", "disable_cuda_graphs", "enable_cuda_graphs",
+    "StackRunner", "disable_cuda_graphs", "enable_cuda_graphs", "graph_blocker",
     # attention
     "FAST_ATTENTION", "IGNORE_INDEX", "cudnn_attention_works", "enable_fast_attention",
     "fast_attention", "pack_sequences", "varlen_attention_works", "_varlen_call",
@@ -251,7 +251,7 @@ def apply_fast_path(
     liger = apply_liger(model, layer_kernels=not options.compile, loss_kernel=not sharded) if options.liger else False
     if fixed_shapes is None:
         fixed_shapes = train_dataset is not None and rows_of_one_length(train_dataset)
-    graphs = _graphs_possible(cfg, options, lora_dropout, fixed_shapes)
+    graphs = _graphs_possible(cfg, options, lora_dropout, fixed_shapes, graph_blocker(model) if options.cuda_graphs else None)
     # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves;
     # CUDA graphs need the bit masks' seeded dropout
     bit_masks = options.fused_lora and (options.dropout_mask_bits or (graphs and lora_dropout > 0)) and not options.compile
@@ -303,11 +303,12 @@ def apply_fast_path(
     return model, cfg, report
 
 
-def _graphs_possible(cfg: TrainConfig, options: FastOptions, lora_dropout: float, fixed_shapes: bool) -> bool:
+def _graphs_possible(cfg: TrainConfig, options: FastOptions, lora_dropout: float, fixed_shapes: bool, blocker: str | None = None) -> bool:
     """CUDA graphs on for this run: switched on, fused LoRA, not compiled, and where LoRA dropout is on,
     the bit masks available (their seeded dropout is what a captured recompute can repeat); for auto,
     also micro-batches of one shape (else the graphs would not be captured, and the bit masks they
-    bring are slower eagerly: benchmarks/README.md).
+    bring are slower eagerly: benchmarks/README.md); and no blocker (graphs.graph_blocker: the
+    model's type, its own dropout, LoRA layers on peft's forward).
 
     Raises:
         ConfigError: train.cuda_graphs is true and one of these is missing.
@@ -319,10 +320,13 @@ def _graphs_possible(cfg: TrainConfig, options: FastOptions, lora_dropout: float
         missing = "fused LoRA layers without compile"
     elif lora_dropout > 0 and not bitmask_dropout.available():
         missing = "triton for the LoRA dropout's bit masks (or lora.dropout: 0)"
-    if missing is None:
+    if missing is None and blocker is None:
         return True
     if cfg.cuda_graphs is True:
-        raise ConfigError(f"train.cuda_graphs is true but needs {missing}; set it to auto or false")
+        why = f"needs {missing}" if missing else f"cannot run here: {blocker}"
+        raise ConfigError(f"train.cuda_graphs is true but {why}; set it to auto or false")
+    if blocker:
+        log.info("CUDA graphs off: %s", blocker)
     return False
 
 

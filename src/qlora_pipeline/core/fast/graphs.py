@@ -33,6 +33,7 @@ recipe's memory: 8B 11,567 against 11,339 tokens/s eagerly (the step is GPU-boun
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -55,6 +56,49 @@ def _stack_container(model: nn.Module) -> nn.ModuleList | None:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == len(layers) and all(a is b for a, b in zip(module, layers)):
             return module
+    return None
+
+
+# Model types whose forward hands every decoder layer the same arguments, looping over
+# `self.layers[: num_hidden_layers]` (transformers 5.x): the runner can stand in for that loop.
+# Others (OPT loops over `self.layers` itself; Gemma 2/3 give each layer its own mask) keep theirs.
+SAME_ARGUMENTS_MODELS = ("llama", "mistral", "gemma", "phi3", "qwen2", "qwen3")
+
+
+def graph_blocker(model: nn.Module) -> str | None:
+    """Why CUDA graphs would not run this model correctly, or None.
+
+    Besides the model type: a captured recompute draws new random numbers from torch's generator,
+    so no dropout but the fused LoRA layers' seeded one may be on (the model's own dropout,
+    attention dropout, LoRA layers that run peft's forward because they train the base's bias or
+    weight, or sit on a base other than a 4-bit or plain linear layer).
+    """
+    from qlora_pipeline.core.fast.layers import _lora_linears
+    from qlora_pipeline.core.fast.memory import unwrap
+
+    config = unwrap(model).config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SAME_ARGUMENTS_MODELS:
+        return f"the decoder layers of model type {model_type!r} are not run by CUDA graphs here (only {', '.join(SAME_ARGUMENTS_MODELS)})"
+    if len(set(getattr(config, "layer_types", None) or [None])) > 1:
+        return "this model's layers take different attention masks (config.layer_types)"
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return "attention dropout is on (config.attention_dropout)"
+    container = _stack_container(model)
+    if container is None:
+        return "the decoder layers are not one ModuleList"
+    lora = [m for layer in container for m in _lora_linears(layer)]
+    seeded = {id(d) for m in lora for d in m.lora_dropout.values()}
+    for layer in container:
+        for module in layer.modules():
+            if isinstance(module, nn.Dropout) and module.p > 0 and id(module) not in seeded:
+                return f"the model's own dropout is on ({type(module).__name__}, p={module.p})"
+    for module in lora:
+        base = module.base_layer
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return "LoRA layers train the base layer's bias or weight (lora.bias), which peft's own forward runs"
+        if getattr(base.weight, "quant_state", None) is None and type(base) is not nn.Linear:
+            return f"LoRA layers sit on {type(base).__name__} layers (only 4-bit or plain linear layers take the seeded dropout)"
     return None
 
 
@@ -90,12 +134,15 @@ class _StackReplay(torch.autograd.Function):
         graph.load(hidden, leaves)
         graph.fwd.replay()
         ctx.graph = graph
+        # the replay's activations stay in the pool until this node's backward ran or was dropped
+        graph.pending = weakref.ref(ctx)
         return graph.out.detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
         graph = ctx.graph
+        graph.pending = None
         if grad.data_ptr() != graph.grad_out.data_ptr():
             graph.grad_out.copy_(grad)
         graph.bwd.replay()
@@ -111,6 +158,7 @@ class _StackGraph:
     def __init__(self, runner: "StackRunner", hidden: torch.Tensor, leaves: list, spec: Any, warmup: int) -> None:
         self.hidden = hidden.detach().clone().requires_grad_(hidden.requires_grad)
         self.leaves = [leaf.detach().clone() if torch.is_tensor(leaf) else leaf for leaf in leaves]
+        self.pending: weakref.ref | None = None
         # The capture uses stand-ins for the adapter's parameters (the same storage, new autograd
         # leaves): a graph of an earlier step that is still referenced (its loss, say) keeps the
         # parameters' gradient accumulators alive on the default stream, and the captured backward
@@ -156,6 +204,10 @@ class _StackGraph:
         grads = list(grads)
         grad_hidden = grads.pop(0) if self.hidden.requires_grad else None
         self.grads = [grad_hidden, *grads]
+
+    def busy(self) -> bool:
+        """A replay whose backward has not run yet, and still can: its activations are in the pool."""
+        return self.pending is not None and self.pending() is not None
 
     def load(self, hidden: torch.Tensor, leaves: tuple) -> None:
         """Copy this call's inputs into the captured ones."""
@@ -209,11 +261,15 @@ class StackRunner:
         return (tuple(hidden.shape), hidden.dtype, hidden.requires_grad, autocast, str(spec), tuple(parts))
 
     def decide(self, key: Any) -> str:
-        """replay, capture or eager for a training call of this shape. A shape is captured at its
-        second call if no other shape came before: where shapes vary (padding-free batches of varying
-        length), graphs stay off, since a captured pool would sit beside every eager call's memory."""
+        """replay, capture, eager or lean for a training call of this shape. A shape is captured at
+        its second call if no other shape came before: where shapes vary (padding-free batches of
+        varying length), graphs stay off, since a captured pool would sit beside every eager call's
+        memory. lean: the captured shape again while its last replay still awaits its backward (two
+        forwards, then two backwards): eagerly, so that replay's activations stay intact."""
         if key in self.graphs:
-            return "replay"
+            return "lean" if self.graphs[key].busy() else "replay"
+        if self.varied:
+            return "eager"
         self.seen[key] += 1
         if self.graphs or len(self.seen) > 1:
             if not self.graphs and not self.varied:
@@ -233,7 +289,7 @@ class StackRunner:
         except TypeError:  # an unhashable argument (a cache object): no graph for it
             key = None
         action = "eager" if key is None else self.decide(key)
-        if action == "eager":
+        if action in ("eager", "lean"):
             self.eager_calls += 1
             return self.run_lean(hidden_states, kwargs) if self.graphs else self.run_layers(hidden_states, kwargs)
         if action == "capture":
@@ -262,8 +318,8 @@ class StackRunner:
 
 
 def enable_cuda_graphs(model: nn.Module, *, capture: bool = True) -> StackRunner | None:
-    """Run the model's decoder stack through a StackRunner; returns it, or None where the model's
-    layers are not one ModuleList the forward slices (then nothing changes).
+    """Run the model's decoder stack through a StackRunner; returns it, or None where graph_blocker
+    finds a reason not to (then nothing changes).
 
     Call after fuse_lora and set_checkpointed_layers. Checkpointed layers stop saving the RNG state
     (nothing in them draws from torch's generator: the LoRA dropout seeds are inputs), which a capture
@@ -275,15 +331,17 @@ def enable_cuda_graphs(model: nn.Module, *, capture: bool = True) -> StackRunner
 
     from qlora_pipeline.core.fast.layers import _lora_linears
 
-    container = _stack_container(model)
-    if container is None:
-        log.info("CUDA graphs skipped: the decoder layers are not one ModuleList")
+    blocker = graph_blocker(model)
+    if blocker is not None:
+        log.info("CUDA graphs off: %s", blocker)
         return None
+    container = _stack_container(model)
     layers = list(container)
     lora = [m for layer in layers for m in _lora_linears(layer)]
     runner = StackRunner(layers, lora, capture=capture)
     if capture:
         for layer in layers:  # every layer can recompute (StackRunner.run_lean), none saving the RNG state
+            layer.__dict__.setdefault("_checkpointing_before_graphs", getattr(layer, "_gradient_checkpointing_func", None))
             layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
         for module in lora:
             module._lora_seed_required = True
@@ -298,4 +356,7 @@ def disable_cuda_graphs(model: nn.Module) -> None:
         if isinstance(module, _LayerList):
             module.__dict__.pop("_stack_runner", None)
             module.__class__ = nn.ModuleList
+        if "_checkpointing_before_graphs" in vars(module):
+            module._gradient_checkpointing_func = vars(module).pop("_checkpointing_before_graphs")
         vars(module).pop("_lora_seed", None)
+        vars(module).pop("_lora_seed_required", None)

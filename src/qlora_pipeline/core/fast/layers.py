@@ -126,11 +126,21 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
     return member, weight_a, weight_b
 
 
+def _peft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's own forward, where the one-node forward does not apply. Under CUDA graphs its dropout
+    would draw new masks in a captured recompute (graphs.py): refused there."""
+    if getattr(self, "_lora_seed_required", False) and self.training and any(
+        isinstance(d, nn.Dropout) and d.p > 0 for d in self.lora_dropout.values()
+    ):
+        raise RuntimeError(f"a LoRA layer on {type(self.base_layer).__name__} runs peft's own dropout, which CUDA graphs cannot repeat; set train.cuda_graphs to false")
+    return type(self).forward(self, x, *args, **kwargs)
+
+
 def _lora_fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A peft LoRA layer's forward as one LoraLinearFunction node (peft's own where it does not apply)."""
     inputs = _lora_inputs(self, x, args, kwargs)
     if inputs is None:
-        return type(self).forward(self, x, *args, **kwargs)
+        return _peft_forward(self, x, *args, **kwargs)
     member, weight_a, weight_b = inputs
     return LoraLinearFunction.apply(x, (member,), weight_a, weight_b)
 
@@ -146,7 +156,7 @@ def _lora_tail_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     """
     inputs = _lora_inputs(self, x, args, kwargs, runs_base_matmul=False)
     if inputs is None:
-        return type(self).forward(self, x, *args, **kwargs)
+        return _peft_forward(self, x, *args, **kwargs)
     member, weight_a, weight_b = inputs
     update = LoraLinearFunction.apply(x, (member,), weight_a, weight_b)
     return FrozenLinearAddFunction.apply(x, update, member.weight, member.bias, member.quant_state)

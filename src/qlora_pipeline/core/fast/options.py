@@ -90,7 +90,9 @@ def _cuda_graphs_switch(value: bool | str, on_gpu: bool) -> bool:
     Raises:
         ConfigError: true without a CUDA GPU, or in one of several ranks.
     """
-    if value is True and on_gpu and not _single_process():
+    if value is True and not on_gpu:
+        raise ConfigError("train.cuda_graphs is true but no CUDA GPU is visible here; set it to auto (off without a GPU) or false")
+    if value is True and not _single_process():
         raise ConfigError(
             "train.cuda_graphs is true but this is one of several ranks (torchrun); CUDA graphs run on one GPU: "
             "set train.cuda_graphs to auto (off with several GPUs) or train.num_gpus to 1"

@@ -125,9 +125,11 @@ def test_a_shape_is_captured_at_its_second_call_unless_shapes_vary():
     assert [runner.decide("a"), runner.decide("a")] == ["eager", "capture"]
     runner.graphs["a"] = _Captured()
     assert [runner.decide("a"), runner.decide("b"), runner.decide("b")] == ["replay", "eager", "eager"]
+    odd_first = graphs.StackRunner([nn.Linear(2, 2)], [], capture=True)  # the one short row came first
+    assert [odd_first.decide(k) for k in ("short", "a", "a")] == ["eager", "eager", "capture"]
     varied = graphs.StackRunner([nn.Linear(2, 2)], [], capture=True)
-    assert [varied.decide(k) for k in ("a", "b", "a", "b")] == ["eager"] * 4 and varied.varied
-    assert len(varied.seen) == 2  # no more counting once shapes vary
+    assert [varied.decide(k) for k in ("a", "b", "c", "a", "b")] == ["eager"] * 5 and varied.varied
+    assert len(varied.seen) == 3  # no more counting once shapes vary
 
 
 def test_a_second_forward_before_the_backward_runs_eagerly():

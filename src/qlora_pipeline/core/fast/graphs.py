@@ -12,7 +12,7 @@ How it works:
   forward and, through torch.autograd.grad, the backward, in one private memory pool. Replays copy
   the new inputs into the captured ones; the adapter's gradients come back through one autograd
   node, so gradient accumulation, clipping and the optimizer work as usual.
-- One shape is captured, at its second call if no other shape came first (StackRunner.decide):
+- One shape is captured, at its second call if at most one other came first (StackRunner.decide):
   fixed-length rows give one shape per micro-batch; where shapes vary (padding-free batches of
   varying length) the layers run eagerly. A call of another shape after the capture (an epoch's
   last, shorter batch) runs eagerly with every layer recomputed, so it adds little beside the pool.
@@ -262,7 +262,7 @@ class StackRunner:
 
     def decide(self, key: Any) -> str:
         """replay, capture, eager or lean for a training call of this shape. A shape is captured at
-        its second call if no other shape came before: where shapes vary (padding-free batches of
+        its second call if at most one other shape came before: where shapes vary (padding-free batches of
         varying length), graphs stay off, since a captured pool would sit beside every eager call's
         memory. lean: the captured shape again while its last replay still awaits its backward (two
         forwards, then two backwards): eagerly, so that replay's activations stay intact."""
@@ -271,7 +271,7 @@ class StackRunner:
         if self.varied:
             return "eager"
         self.seen[key] += 1
-        if self.graphs or len(self.seen) > 1:
+        if self.graphs or len(self.seen) > 2:  # one odd shape (a short last row) is allowed for
             if not self.graphs and not self.varied:
                 self.varied = True
                 log.info("micro-batch shapes vary; the decoder layers run without CUDA graphs")

@@ -296,8 +296,44 @@ def validate_params(raw: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n  ".join(_describe(e) for e in exc.errors())
+        lines = "\n  ".join(_describe(e) for e in _merge_union_errors(exc.errors()))
         raise ConfigError(f"invalid params:\n  {lines}") from None
+
+
+_UNION_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}
+
+
+def _union_branch(part: Any) -> str | None:
+    """What a union member of a key's type accepts, from pydantic's tag for it in an error's loc."""
+    if not isinstance(part, str):
+        return None
+    if part in _UNION_WORDS:
+        return _UNION_WORDS[part]
+    if part.startswith("literal[") and part.endswith("]"):
+        return " or ".join(v.strip().strip("'") for v in part[len("literal[") : -1].split(","))
+    return None
+
+
+def _merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per key where a value fits no member of a union (`bool | Literal["auto"]`): pydantic
+    gives one per member, keyed `train.compile.bool` and `train.compile.literal['auto']`."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        branch = _union_branch(loc[-1]) if loc else None
+        if branch is None:
+            out.append(err)
+            continue
+        key = loc[:-1]
+        if key in merged:
+            merged[key]["accepts"].append(branch)
+            continue
+        merged[key] = {**err, "loc": key, "accepts": [branch]}
+        out.append(merged[key])
+    for err in merged.values():
+        err["msg"] = f"must be {', or '.join(err.pop('accepts'))}"
+    return out
 
 
 def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:

@@ -103,3 +103,17 @@ def test_params_yaml_holds_every_key_with_the_code_defaults():
         assert set(keys) == set(raw[section]), section
         differ = {k: (v, file[section][k]) for k, v in keys.items() if v != file[section][k]}
         assert differ == {}, f"{section}: (config.py, params.yaml) {differ}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.cuda_graphs=2", "train.cuda_graphs: must be true or false, or auto (got 2)"),
+        ("train.compile=maybe", "train.compile: must be true or false, or auto (got 'maybe')"),
+        ("train.memory_budget_gib=lots", "train.memory_budget_gib: must be a number, or auto (got 'lots')"),
+    ],
+)
+def test_a_value_outside_every_member_of_a_union_gets_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_PARAMS, [override])
+    assert str(info.value).splitlines()[1:] == [f"  {message}"]

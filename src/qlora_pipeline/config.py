@@ -309,6 +309,10 @@ def _union_branch(part: Any) -> str | None:
         return None
     if part in _UNION_WORDS:
         return _UNION_WORDS[part]
+    if part.startswith("list["):
+        return "a list"
+    if part.startswith("dict["):
+        return "a mapping"
     if part.startswith("literal[") and part.endswith("]"):
         return " or ".join(v.strip().strip("'") for v in part[len("literal[") : -1].split(","))
     return None

@@ -259,17 +259,95 @@ def test_trained_base_biases_run_peft_forward_and_block_graphs(tiny_model):
         model(input_ids=ids, labels=ids)
 
 
-def test_disable_restores_checkpointing_and_the_seeds(tiny_model):
-    import functools
-
+def test_disable_leaves_checkpointing_as_it_was_and_drops_the_seeds(tiny_model):
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora)
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.0}))
     fast.fuse_lora(model)
     fast.set_checkpointed_layers(model, 1)
     before = [layer._gradient_checkpointing_func for layer in fast.decoder_layers(model)]
     runner = fast.enable_cuda_graphs(model, capture=True)
-    assert all(isinstance(f, functools.partial) and f.keywords["preserve_rng_state"] is False
-               for f in (layer._gradient_checkpointing_func for layer in runner.layers))
+    assert [layer._gradient_checkpointing_func for layer in runner.layers] == before
+    ids = torch.randint(3, 200, (1, 8))
+    model(input_ids=ids, labels=ids)
     fast.disable_cuda_graphs(model)
     assert [layer._gradient_checkpointing_func for layer in fast.decoder_layers(model)] == before
     assert not any(hasattr(m, "_lora_seed_required") or hasattr(m, "_lora_seed") for m in runner.lora_modules)
+
+
+@pytest.fixture
+def seeded_cpu_dropout(monkeypatch):
+    """The bit-mask dropout's contract on the CPU: the mask depends on the seed tensor alone."""
+    from qlora_pipeline.core import bitmask_dropout
+
+    def forward(x, p, seed=None):
+        gen = torch.Generator().manual_seed(int(seed.item()) if seed is not None else 0)
+        keep = torch.rand(x.shape, generator=gen) >= p
+        return x * keep / (1 - p), keep
+
+    def backward(grad, keep, p, out=None):
+        part = grad * keep / (1 - p)
+        return part if out is None else out.add_(part)
+
+    monkeypatch.setattr(bitmask_dropout, "supports", lambda x: True)
+    monkeypatch.setattr(bitmask_dropout, "dropout_forward", forward)
+    monkeypatch.setattr(bitmask_dropout, "dropout_backward", backward)
+
+
+def test_a_recompute_draws_its_own_forwards_masks_after_another_forward(tiny_model, seeded_cpu_dropout):
+    """Two forwards, then the first one's backward: each recomputed layer must draw the masks of the
+    forward it belongs to (its seeds are the checkpoint's inputs), not the latest forward's."""
+    cfg, _, model = tiny_model
+    model, _ = lora_with_visible_update(model, cfg)
+    model = fast.unwrap(model)
+    for module in fast.layers._lora_linears(model):
+        module.lora_dropout["default"] = nn.Dropout(0.3)
+    fast.fuse_lora(model, bit_masks=True)
+    fast.set_checkpointed_layers(model, 2)
+    runner = fast.enable_cuda_graphs(model, capture=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    ids_a, ids_b = torch.randint(3, 200, (2, 12)), torch.randint(3, 200, (2, 12))
+
+    loss = model(input_ids=ids_a, labels=ids_a).loss
+    seeds = runner.last_seeds.clone()
+    reference = torch.autograd.grad(loss, trainable)
+
+    run_layers = runner.run_layers
+    runner.run_layers = lambda hidden, kwargs, seeds_=None: run_layers(hidden, kwargs, seeds=seeds)
+    loss_a = model(input_ids=ids_a, labels=ids_a).loss  # the same seeds again
+    runner.run_layers = run_layers
+    model(input_ids=ids_b, labels=ids_b)  # another forward before loss_a's backward
+    grads = torch.autograd.grad(loss_a, trainable)
+    assert torch.allclose(loss_a, loss)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, reference))
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_peft_forward_refusal_only_where_its_dropout_would_run(tiny_model):
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.1}))
+    for module in fast.layers._lora_linears(model):
+        module.base_layer.bias = nn.Parameter(torch.zeros(module.base_layer.out_features))
+        module._lora_seed_required = True
+    fast.fuse_lora(model)
+    ids = torch.randint(3, 200, (1, 8))
+    model.train()
+    with model.disable_adapter(), torch.no_grad():  # a reference forward: no adapter, no dropout
+        model(input_ids=ids)
+    with torch.no_grad():
+        model(input_ids=ids)
+    with pytest.raises(RuntimeError, match="runs peft's own dropout"):
+        model(input_ids=ids, labels=ids)
+
+
+def test_blocker_sees_every_dropout_class_and_dora(tiny_model):
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora)
+    layer = fast.decoder_layers(model)[0]
+    for extra in (nn.Dropout1d(0.1), nn.AlphaDropout(0.1)):
+        layer.extra_dropout = extra
+        assert "the model's own dropout is on" in graphs.graph_blocker(model)
+    del layer.extra_dropout
+    module = fast.layers._lora_linears(model)[0]
+    module.lora_variant = {"default": object()}
+    assert "DoRA" in graphs.graph_blocker(model)

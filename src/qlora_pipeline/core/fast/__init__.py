@@ -248,10 +248,10 @@ def apply_fast_path(
     dims = ModelDims.from_config(base.config)
     if lora_dropout is None:
         lora_dropout = _lora_dropout(model)
-    liger = apply_liger(model, layer_kernels=not options.compile, loss_kernel=not sharded) if options.liger else False
     if fixed_shapes is None:
         fixed_shapes = train_dataset is not None and rows_of_one_length(train_dataset)
     graphs = _graphs_possible(cfg, options, lora_dropout, fixed_shapes, graph_blocker(model) if options.cuda_graphs else None)
+    liger = apply_liger(model, layer_kernels=not options.compile, loss_kernel=not sharded) if options.liger else False
     # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves;
     # CUDA graphs need the bit masks' seeded dropout
     bit_masks = options.fused_lora and (options.dropout_mask_bits or (graphs and lora_dropout > 0)) and not options.compile

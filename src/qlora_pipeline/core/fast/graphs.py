@@ -18,9 +18,11 @@ How it works:
   last, shorter batch) runs eagerly with every layer recomputed, so it adds little beside the pool.
 - Randomness: a recomputed layer must draw the same LoRA dropout mask in the backward as in the
   forward. torch's checkpoint restores the CUDA generator for that, which cannot run inside a
-  capture. Here each LoRA layer instead gets its seed as a tensor drawn once per forward, outside
-  the layers (`_lora_seed`), and its bit-mask dropout (core/bitmask_dropout.py) reads it: the
-  recompute reads the same seed. Hence LoRA dropout > 0 needs the bit masks (CUDA, triton).
+  capture. Here the runner draws one seed per LoRA layer per forward, outside the layers, and
+  checkpoints each layer set to recompute itself with its seeds among the checkpoint's inputs; the
+  layer's bit-mask dropout (core/bitmask_dropout.py) reads its seed (`_lora_seed`), set again by
+  the recompute. Hence LoRA dropout > 0 needs the bit masks (CUDA, triton), and no other dropout
+  may be on in the layers (graph_blocker).
 - Memory: the pool holds the stack's activations for the whole run, so memory that eager training
   frees after the backward (for the head's loss, the optimizer) is not shared with them:
   memory.GRAPH_HIDDEN_STATES in the memory plan.
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _pytree
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +94,15 @@ def graph_blocker(model: nn.Module) -> str | None:
     seeded = {id(d) for m in lora for d in m.lora_dropout.values()}
     for layer in container:
         for module in layer.modules():
-            if isinstance(module, nn.Dropout) and module.p > 0 and id(module) not in seeded:
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and id(module) not in seeded:
                 return f"the model's own dropout is on ({type(module).__name__}, p={module.p})"
     for module in lora:
         base = module.base_layer
+        active = list(module.active_adapters)
+        if len(active) != 1 or any(name in getattr(module, "lora_variant", {}) for name in active) or any(
+            module.lora_B[name].bias is not None for name in active if name in module.lora_B
+        ):
+            return "LoRA layers run several adapters, DoRA or a LoRA bias, which peft's own forward runs"
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return "LoRA layers train the base layer's bias or weight (lora.bias), which peft's own forward runs"
         if getattr(base.weight, "quant_state", None) is None and type(base) is not nn.Linear:
@@ -226,8 +234,15 @@ class StackRunner:
     """
 
     def __init__(self, layers: list[nn.Module], lora_modules: list[nn.Module], *, capture: bool = True, warmup: int = 1) -> None:
+        from qlora_pipeline.core.fast.layers import _lora_linears
+
         self.layers = layers
-        self.lora_modules = lora_modules
+        per_layer = [[m for m in _lora_linears(layer) if any(m is n for n in lora_modules)] for layer in layers]
+        self.lora_modules = [m for modules in per_layer for m in modules]
+        counts = [len(modules) for modules in per_layer]
+        self.seed_slices = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(layers))]
+        # a model loop that reads the layer's attention type (one for all: graph_blocker) finds it here
+        self.attention_type = getattr(layers[0], "attention_type", None) if layers else None
         self.params = [p for _, _, p in _trainable_slots(layers)]
         self.capture = capture
         self.warmup = warmup
@@ -239,15 +254,34 @@ class StackRunner:
         self.disabled_reason: str | None = None
 
     def run_layers(self, hidden: torch.Tensor, kwargs: dict[str, Any], seeds: torch.Tensor | None = None) -> torch.Tensor:
-        """The layers in turn, each LoRA layer's dropout seeded from one fresh draw (or `seeds`)."""
+        """The layers in turn, each LoRA layer's dropout seeded from one fresh draw (or `seeds`).
+
+        A layer set to recompute is checkpointed here, with its seeds among the checkpoint's inputs:
+        its recompute sets the same seeds again, whatever forward ran in between.
+        """
         if seeds is None:
             seeds = torch.randint(0, SEED_HIGH, (max(1, len(self.lora_modules)),), device=hidden.device, dtype=torch.int32)
         self.last_seeds = seeds
-        for index, module in enumerate(self.lora_modules):
-            module._lora_seed = seeds[index : index + 1]
-        for layer in self.layers:
-            hidden = layer(hidden, **kwargs)
+        for index, layer in enumerate(self.layers):
+            start, stop = self.seed_slices[index]
+            layer_seeds = seeds[start:stop]
+            if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+                hidden = checkpoint(self._run_layer, index, hidden, layer_seeds, kwargs, use_reentrant=False, preserve_rng_state=False)
+            else:
+                hidden = self._run_layer(index, hidden, layer_seeds, kwargs)
         return hidden
+
+    def _run_layer(self, index: int, hidden: torch.Tensor, seeds: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        layer = self.layers[index]
+        start, _ = self.seed_slices[index]
+        for position, module in enumerate(self.lora_modules[start : self.seed_slices[index][1]]):
+            module._lora_seed = seeds[position : position + 1]
+        flag = layer.gradient_checkpointing
+        layer.gradient_checkpointing = False  # checkpointed (or not) by run_layers
+        try:
+            return layer(hidden, **kwargs)
+        finally:
+            layer.gradient_checkpointing = flag
 
     def _key(self, hidden: torch.Tensor, leaves: list, spec: Any) -> Any:
         parts = []
@@ -321,14 +355,11 @@ def enable_cuda_graphs(model: nn.Module, *, capture: bool = True) -> StackRunner
     """Run the model's decoder stack through a StackRunner; returns it, or None where graph_blocker
     finds a reason not to (then nothing changes).
 
-    Call after fuse_lora and set_checkpointed_layers. Checkpointed layers stop saving the RNG state
-    (nothing in them draws from torch's generator: the LoRA dropout seeds are inputs), which a capture
-    needs. capture=False keeps the runner eager (the CPU, tests).
+    Call after fuse_lora and set_checkpointed_layers. The runner checkpoints the layers set to
+    recompute itself, without saving the RNG state (a capture cannot; nothing in the layers draws from
+    torch's generator: graph_blocker, and the LoRA dropout seeds are the checkpoint's inputs).
+    capture=False keeps the runner eager (the CPU, tests).
     """
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
     from qlora_pipeline.core.fast.layers import _lora_linears
 
     blocker = graph_blocker(model)
@@ -340,9 +371,6 @@ def enable_cuda_graphs(model: nn.Module, *, capture: bool = True) -> StackRunner
     lora = [m for layer in layers for m in _lora_linears(layer)]
     runner = StackRunner(layers, lora, capture=capture)
     if capture:
-        for layer in layers:  # every layer can recompute (StackRunner.run_lean), none saving the RNG state
-            layer.__dict__.setdefault("_checkpointing_before_graphs", getattr(layer, "_gradient_checkpointing_func", None))
-            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
         for module in lora:
             module._lora_seed_required = True
     container.__class__ = _LayerList
@@ -356,7 +384,5 @@ def disable_cuda_graphs(model: nn.Module) -> None:
         if isinstance(module, _LayerList):
             module.__dict__.pop("_stack_runner", None)
             module.__class__ = nn.ModuleList
-        if "_checkpointing_before_graphs" in vars(module):
-            module._gradient_checkpointing_func = vars(module).pop("_checkpointing_before_graphs")
         vars(module).pop("_lora_seed", None)
         vars(module).pop("_lora_seed_required", None)

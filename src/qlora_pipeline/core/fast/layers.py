@@ -129,8 +129,13 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
 def _peft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's own forward, where the one-node forward does not apply. Under CUDA graphs its dropout
     would draw new masks in a captured recompute (graphs.py): refused there."""
-    if getattr(self, "_lora_seed_required", False) and self.training and any(
-        isinstance(d, nn.Dropout) and d.p > 0 for d in self.lora_dropout.values()
+    if (
+        getattr(self, "_lora_seed_required", False)
+        and self.training
+        and torch.is_grad_enabled()
+        and not self.disable_adapters
+        and not self.merged
+        and any(name in self.lora_dropout and isinstance(self.lora_dropout[name], nn.Dropout) and self.lora_dropout[name].p > 0 for name in self.active_adapters)
     ):
         raise RuntimeError(f"a LoRA layer on {type(self.base_layer).__name__} runs peft's own dropout, which CUDA graphs cannot repeat; set train.cuda_graphs to false")
     return type(self).forward(self, x, *args, **kwargs)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_train_bench import SEQ_LEN, SHAPES, build_model, lora_settings, make_samples
     from qlora_pipeline.config import TrainConfig
     from qlora_pipeline.core.data.collate import PackingCollator
-    from qlora_pipeline.core.fast import apply_fast_path, set_checkpointed_layers
+    from qlora_pipeline.core.fast import apply_fast_path, set_checkpointed_layers, stack_runner
     from qlora_pipeline.core.model import apply_lora
 
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         fused_lora=True, padding_free=True, tune_micro_batch=False, memory_budget_gib=120, cuda_graphs=True,
     )
     model, cfg, report = apply_fast_path(model, cfg, max_seq_len=seq)
-    runner = next(m.__dict__["_stack_runner"] for m in model.modules() if "_stack_runner" in m.__dict__)
+    runner = stack_runner(model)
     collator = PackingCollator(seq, attention_boundaries=True)
     samples = make_samples([seq] * args.rows, SHAPES[args.shape]["vocab_size"], 1)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collator([{"input_ids": s} for s in samples]).items()}

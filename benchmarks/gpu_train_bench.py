@@ -364,6 +364,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "graph_breaks": {k[:200]: v for k, v in counters["graph_break"].items()},
             "recompiles": counters["recompiles"].get("total", 0) if "recompiles" in counters else None,
         }
+    from qlora_pipeline.core.fast import stack_runner
+
     runner = stack_runner(model)
     if runner is not None:
         result["graphs"] = {"replays": runner.replays, "eager_calls": runner.eager_calls, "disabled": runner.disabled_reason}
@@ -381,15 +383,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "compiled_layers": report.compiled_layers,
         }
     return result
-
-
-def stack_runner(model):
-    """The CUDA-graph runner of the decoder stack (core/fast/graphs.py), if the recipe installed one."""
-    for module in model.modules():
-        runner = module.__dict__.get("_stack_runner")
-        if runner is not None:
-            return runner
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

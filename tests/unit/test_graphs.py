@@ -28,7 +28,7 @@ def test_runner_takes_the_layer_loop_with_the_same_loss_and_grads(tiny_model):
     ref_loss, ref_grads = loss_and_grads()
     keys = list(model.state_dict())
     runner = fast.enable_cuda_graphs(model, capture=False)
-    assert runner is not None and len(runner.layers) == 2
+    assert runner is not None and len(runner.layers) == 2 and fast.stack_runner(model) is runner
     for _ in range(2):
         loss, grads = loss_and_grads()
         assert torch.allclose(loss, ref_loss, rtol=1e-6)

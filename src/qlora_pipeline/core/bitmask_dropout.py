@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 BLOCK = 2048
+SEED_HIGH = 2**31 - 1  # seeds are drawn in [0, SEED_HIGH): int32
 
 
 @functools.cache
@@ -101,7 +102,7 @@ def dropout_forward(x: torch.Tensor, p: float, seed: torch.Tensor | None = None)
     y = torch.empty_like(x)
     bits = torch.empty(n // 8, dtype=torch.uint8, device=x.device)
     if seed is None:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
+        seed = torch.randint(0, SEED_HIGH, (1,), device=x.device, dtype=torch.int32)
     forward_kernel[(-(-n // BLOCK),)](x, y, bits, seed, n, float(p), 1.0 / (1.0 - p), BLOCK=BLOCK)
     return y, bits
 

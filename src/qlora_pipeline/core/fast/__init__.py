@@ -70,7 +70,7 @@ from qlora_pipeline.core.fast.attention import (
     varlen_attention_works,
 )
 from qlora_pipeline.core import bitmask_dropout
-from qlora_pipeline.core.fast.graphs import StackRunner, disable_cuda_graphs, enable_cuda_graphs, graph_blocker
+from qlora_pipeline.core.fast.graphs import StackRunner, disable_cuda_graphs, enable_cuda_graphs, graph_blocker, stack_runner
 from qlora_pipeline.core.fast.layers import (
     COMPILE_BACKEND,
     SIBLING_GROUPS,
@@ -143,7 +143,7 @@ __all__ = [
     "COMPILE_BACKEND", "SIBLING_GROUPS", "apply_liger", "compile_layers", "fuse_lora", "unfuse_lora",
     "_lora_inputs",
     # graphs
-    "StackRunner", "disable_cuda_graphs", "enable_cuda_graphs", "graph_blocker",
+    "StackRunner", "disable_cuda_graphs", "enable_cuda_graphs", "graph_blocker", "stack_runner",
     # attention
     "FAST_ATTENTION", "IGNORE_INDEX", "cudnn_attention_works", "enable_fast_attention",
     "fast_attention", "pack_sequences", "varlen_attention_works", "_varlen_call",

@@ -44,9 +44,10 @@ from torch import nn
 from torch.utils import _pytree
 from torch.utils.checkpoint import checkpoint
 
+from qlora_pipeline.core.bitmask_dropout import SEED_HIGH
+
 log = logging.getLogger(__name__)
 
-SEED_HIGH = 2**31 - 1
 
 
 def _stack_container(model: nn.Module) -> nn.ModuleList | None:
@@ -237,7 +238,8 @@ class StackRunner:
         from qlora_pipeline.core.fast.layers import _lora_linears
 
         self.layers = layers
-        per_layer = [[m for m in _lora_linears(layer) if any(m is n for n in lora_modules)] for layer in layers]
+        chosen = {id(m) for m in lora_modules}
+        per_layer = [[m for m in _lora_linears(layer) if id(m) in chosen] for layer in layers]
         self.lora_modules = [m for modules in per_layer for m in modules]
         counts = [len(modules) for modules in per_layer]
         self.seed_slices = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(layers))]
@@ -273,8 +275,8 @@ class StackRunner:
 
     def _run_layer(self, index: int, hidden: torch.Tensor, seeds: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         layer = self.layers[index]
-        start, _ = self.seed_slices[index]
-        for position, module in enumerate(self.lora_modules[start : self.seed_slices[index][1]]):
+        start, stop = self.seed_slices[index]
+        for position, module in enumerate(self.lora_modules[start:stop]):
             module._lora_seed = seeds[position : position + 1]
         flag = layer.gradient_checkpointing
         layer.gradient_checkpointing = False  # checkpointed (or not) by run_layers
@@ -305,7 +307,7 @@ class StackRunner:
         if self.varied:
             return "eager"
         self.seen[key] += 1
-        if self.graphs or len(self.seen) > 2:  # one odd shape (a short last row) is allowed for
+        if self.graphs or len(self.seen) > 2:  # two shapes at most: the repeating one and one odd (a short row)
             if not self.graphs and not self.varied:
                 self.varied = True
                 log.info("micro-batch shapes vary; the decoder layers run without CUDA graphs")
@@ -376,6 +378,14 @@ def enable_cuda_graphs(model: nn.Module, *, capture: bool = True) -> StackRunner
     container.__class__ = _LayerList
     container.__dict__["_stack_runner"] = runner
     return runner
+
+
+def stack_runner(model: nn.Module) -> StackRunner | None:
+    """The model's StackRunner (enable_cuda_graphs), or None."""
+    for module in model.modules():
+        if isinstance(module, _LayerList):
+            return module.__dict__.get("_stack_runner")
+    return None
 
 
 def disable_cuda_graphs(model: nn.Module) -> None:

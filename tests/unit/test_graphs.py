@@ -351,3 +351,33 @@ def test_blocker_sees_every_dropout_class_and_dora(tiny_model):
     module = fast.layers._lora_linears(model)[0]
     module.lora_variant = {"default": object()}
     assert "DoRA" in graphs.graph_blocker(model)
+
+
+def test_eager_runner_keeps_torchs_dropout_masks_under_recompute(tiny_model):
+    # outside a capture the runner's checkpoint saves torch's RNG state, so a dropout drawn from
+    # torch's generator (here the CPU's LoRA dropout) gets the forward's masks again in the recompute
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.3}))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    fast.fuse_lora(model)
+    fast.enable_cuda_graphs(model, capture=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(3, 200, (2, 12))
+    model.train()
+
+    def grads(recomputed: int):
+        fast.set_checkpointed_layers(model, recomputed)
+        torch.manual_seed(5)
+        return torch.autograd.grad(model(input_ids=ids, labels=ids).loss, trainable)
+
+    kept, recomputed = grads(0), grads(2)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(recomputed, kept))
+
+
+def test_graphs_true_refused_before_loading_where_compile_resolves_on(monkeypatch):
+    monkeypatch.setattr(fast.options, "compile_available", lambda: True)
+    monkeypatch.setattr(fast.options, "_cuda", lambda device=None: True)
+    with pytest.raises(ConfigError, match="train.compile resolves to on"):
+        fast.resolve_options(TrainConfig(cuda_graphs=True, compile="auto", memory_budget_gib=10), "cuda")

@@ -193,6 +193,8 @@ class _StackGraph:
             device_type="cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False
         )
         torch.cuda.synchronize(device)
+        # the warm-up runs on a side stream, which cannot reuse the blocks the eager steps left cached
+        torch.cuda.empty_cache()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.autocast(**autocast):
@@ -268,7 +270,9 @@ class StackRunner:
             start, stop = self.seed_slices[index]
             layer_seeds = seeds[start:stop]
             if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-                hidden = checkpoint(self._run_layer, index, hidden, layer_seeds, kwargs, use_reentrant=False, preserve_rng_state=False)
+                # torch's RNG state cannot be saved inside a capture; eagerly it is, for dropout other than the seeded one
+                preserve = not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
+                hidden = checkpoint(self._run_layer, index, hidden, layer_seeds, kwargs, use_reentrant=False, preserve_rng_state=preserve)
             else:
                 hidden = self._run_layer(index, hidden, layer_seeds, kwargs)
         return hidden

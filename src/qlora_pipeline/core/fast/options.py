@@ -71,7 +71,7 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         budget = float(cfg.memory_budget_gib)
     else:
         budget = default_memory_budget_gib() if on_gpu else default_cpu_memory_budget_gib()
-    return FastOptions(
+    options = FastOptions(
         liger=resolve_switch(cfg.use_liger, "use_liger", on_gpu=on_gpu, available=liger_available()),
         fused_lora=resolve_switch(cfg.fused_lora, "fused_lora", on_gpu=True),
         padding_free=resolve_switch(cfg.padding_free, "padding_free", on_gpu=on_gpu),
@@ -82,6 +82,9 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=bitmask_dropout.available()),
         cuda_graphs=_cuda_graphs_switch(cfg.cuda_graphs, on_gpu),
     )
+    if cfg.cuda_graphs is True and options.compile:
+        raise ConfigError("train.cuda_graphs is true and train.compile resolves to on (auto with a GPU); set compile to false")
+    return options
 
 
 def _cuda_graphs_switch(value: bool | str, on_gpu: bool) -> bool:

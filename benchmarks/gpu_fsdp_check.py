@@ -16,7 +16,8 @@ accumulation 2 on one rank, 4 x 1 on each of two), LoRA dropout 0 so ranks draw 
   fsdp_plain   2 ranks, FSDP2 with plain peft layers (no liger, no fused LoRA)
   fsdp_killed  2 ranks, FSDP2, the last rank SIGKILLs itself right after the checkpoint at step 8
   fsdp_resumed the same command again: resumes from checkpoint-8 and finishes
-Checks: per-step losses of each 2-rank run against `one`; the checkpoint-8 adapter written by the
+Checks: per-step losses of each 2-rank run against `one`; the killed run's rerun resumed from
+checkpoint-8 (not from step 0); the checkpoint-8 adapter written by the
 killed run holds every LoRA tensor at full shape; the resumed run's steps 9..12 and final adapter
 against the uninterrupted fsdp run; the merged model's logits (core.merge.merge_adapter) within
 register.merge_tolerance for the sharded run's adapter.
@@ -35,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, KILL_AT = 12, 8
+LOSS_TOLERANCE = 0.02  # per-step loss of the resumed run against the uninterrupted one (gpu_train_bench's loss check)
 
 
 def params(model_dir: Path, **train) -> dict:
@@ -233,10 +235,16 @@ def main() -> int:
             checks["resumed_vs_uninterrupted_loss_rel"] = loss_diff(resumed, runs["fsdp"])
         if "adapter" in runs["fsdp"]:
             checks.update(merge_check(args.work, model_dir, Path(runs["fsdp"]["adapter"])))
+        checks["resumed_from_the_kill"] = str(resumed.get("resumed_from") or "").endswith(f"checkpoint-{KILL_AT}")
+        rel = checks.get("resumed_vs_uninterrupted_loss_rel")
+        checks["passed"] = bool(
+            killed["exit"] != 0 and checks["resumed_from_the_kill"] and checks.get("checkpoint_adapter_full")
+            and rel is not None and rel <= LOSS_TOLERANCE and checks.get("merge_within_tolerance")
+        )
     summary["loss_rel_diff_vs_one"] = {name: loss_diff(run, one) for name, run in runs.items() if name not in ("one", "fsdp_killed")}
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    return 0
+    return 0 if summary.get("checks", {}).get("passed", True) else 1
 
 
 if __name__ == "__main__":

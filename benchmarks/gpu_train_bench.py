@@ -32,6 +32,8 @@ Recipes (each in its own process, so patches and allocator state never leak betw
   fast_compiled the fast path with train.compile: true (torch.compile of each decoder layer; liger
                 keeps only its fused linear+cross-entropy), same budget as fast
   fast_compiled_m4  fast_compiled with the micro-batch kept at the configured size (no tuning)
+  <fast recipe>_mN  that recipe with the micro-batch forced to N rows (accumulation batch / N); the
+                plan still picks the recomputed layers that fit the budget (e.g. fast_m1, fast_eager_m2)
 
 MFU = model FLOPs / time / 790 TFLOP/s (the H200's measured dense bf16 rate, ../shared/gpu/README.md).
 Model FLOPs count the frozen base's forward and activation-gradient backward, per real token
@@ -46,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -79,7 +82,13 @@ BATCH = {"1b": 8, "8b": 4, "tiny": 4}
 SEQ_LEN = {"1b": 2048, "8b": 2048, "tiny": 128}
 LORA = dict(r=16, alpha=32, dropout=0.05)  # the pipeline's params.yaml lora section
 VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0
-BUDGETED = ("fast", "fast_eager", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled", "fast_compiled_m4")  # recipes run under the 0.6x-original budget  # log-normal sample lengths, capped at SEQ_LEN
+BUDGETED = ("fast", "fast_eager", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled")  # recipes run under the 0.6x-original budget, also with a _mN suffix
+
+
+def forced_micro(recipe: str) -> tuple[str, int | None]:
+    """'fast_eager_m2' -> ('fast_eager', 2): a fast recipe with its micro-batch forced to N rows."""
+    match = re.fullmatch(r"(.+)_m(\d+)", recipe)
+    return (match.group(1), int(match.group(2))) if match else (recipe, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,14 +186,17 @@ def setup_recipe(model, spec: dict[str, Any]):
         return model, micro, batch // micro, collate_padded, None
     # fast, fast_max, fast_compiled*: the pipeline's own call (core/train.py makes the same one)
     on_gpu = spec["device"] == "cuda"
+    recipe, micro = forced_micro(recipe)
+    if micro is not None and batch % micro:
+        raise ValueError(f"{spec['recipe']}: micro-batch {micro} does not divide the batch of {batch}")
     cfg = TrainConfig(
-        per_device_batch_size=batch,
-        gradient_accumulation_steps=1,
+        per_device_batch_size=micro or batch,
+        gradient_accumulation_steps=batch // (micro or batch),
         gradient_checkpointing="auto",
         use_liger="auto" if on_gpu else False,
         fused_lora=True,
         padding_free=True,
-        tune_micro_batch=recipe != "fast_compiled_m4",
+        tune_micro_batch=micro is None,
         memory_budget_gib=spec.get("budget_gib") or "auto",
         compile=recipe.startswith("fast_compiled"),
         dropout_mask_bits=recipe == "fast_bits",
@@ -334,12 +346,29 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(step_loss))  # one sync per optimizer step
+        # one sync per optimizer step, as a training loop that logs every step's loss; lazy_loss:
+        # read at the end, so the host prepares the next batches while the GPU runs
+        losses.append(step_loss if spec.get("lazy_loss") else float(step_loss))
         step_times.append(time.perf_counter())
         if step == 0:
             first_step_s = time.perf_counter() - t0  # includes compiling, when the recipe compiles
     sync()
     elapsed = time.perf_counter() - t0
+    losses = [float(x) for x in losses]
+    profile = None
+    if spec.get("profile"):  # one more step under torch.profiler: GPU busy time by kernel family
+        from gpu_explore import profile_step
+
+        def one_step() -> None:
+            for batch, _, _ in (next(data) for _ in range(accum)):
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                    model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        profile = profile_step(one_step, on_gpu)
     result = {
         **spec,
         "micro_batch": micro,
@@ -353,6 +382,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "gflop_per_token": float(f"{flops_timed / max(tokens_timed, 1) / 1e9:.4g}"),
         "losses": [round(x, 5) for x in losses],
     }
+    if profile is not None:
+        result["profile"] = profile
     if on_gpu:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -393,7 +424,7 @@ def spawn(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    if spec["recipe"] == "fast_expseg":
+    if forced_micro(spec["recipe"])[0] == "fast_expseg":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--result-path", path]
     t = time.perf_counter()
@@ -419,9 +450,8 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for workload in ("fixed", "variable"):
             by = {r["recipe"]: r for r in results if r["shape"] == shape and r["workload"] == workload and "error" not in r and not r.get("check")}
             row = {"shape": shape, "workload": workload}
-            for name in ("fast", "fast_eager", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled", "fast_compiled_m4"):
-                fast = by.get(name)
-                if not fast:
+            for name, fast in by.items():
+                if forced_micro(name)[0] not in BUDGETED:
                     continue
                 for base in ("original", "original_noamp", "plain", "plain_nockpt", "fast_eager", "fast"):
                     if base in by and base != name:
@@ -490,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-steps", type=int, default=8)
     p.add_argument("--check-recipes", default="fast", help="recipes checked against plain")
     p.add_argument("--check-tolerance", type=float, default=0.02)
+    p.add_argument("--lazy-loss", action="store_true", help="read the step losses at the end, not after each step (no per-step sync)")
+    p.add_argument("--profile", default="", help="recipes profiled for one more step after the timed ones (torch.profiler)")
     p.add_argument("--timeout-s", type=float, default=300)
     p.add_argument("--out", default="")
     p.add_argument("--merge", nargs="+", default=[], help="combine result files (later runs replace earlier ones) into --out")
@@ -507,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = ["tiny"] if args.tiny else [s for s in args.shapes.split(",") if s]
     check_shape = "tiny" if args.tiny else args.check_shape
-    common = dict(device=args.device, warmup=args.warmup, steps=args.steps, lr=args.lr, seed=SEED, lora_dropout=args.lora_dropout)
+    common = dict(device=args.device, warmup=args.warmup, steps=args.steps, lr=args.lr, seed=SEED, lora_dropout=args.lora_dropout, lazy_loss=args.lazy_loss)
     results: list[dict[str, Any]] = []
     out = Path(args.out) if args.out else None
 
@@ -526,8 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         for workload in args.workloads.split(","):
             original_peaks = []
             for recipe in args.recipes.split(","):
-                spec = dict(base, workload=workload, recipe=recipe)
-                if recipe in BUDGETED and args.device == "cuda":
+                spec = dict(base, workload=workload, recipe=recipe, profile=recipe in args.profile.split(","))
+                if forced_micro(recipe)[0] in BUDGETED and args.device == "cuda":
                     spec["budget_gib"] = args.fast_budget_gib or (0.6 * min(original_peaks) if original_peaks else None)
                 r = spawn(spec, args.timeout_s)
                 if recipe.startswith("original") and "peak_gib" in r:

@@ -116,14 +116,21 @@ class RunLoss(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"loss_sum": self.loss_sum, "steps": self.steps, "runtime_s": self.elapsed_s()}}
 
 
+# The optimizer state as the Trainer saves it: optimizer.pt on one rank and under DDP; under FSDP
+# accelerate's save_fsdp_optimizer writes optimizer.bin (FULL_STATE_DICT) or an optimizer_0/
+# directory (SHARDED_STATE_DICT).
+OPTIMIZER_STATE_NAMES = ("optimizer.pt", "optimizer.bin", "optimizer_0")
+
+
 def checkpoint_is_complete(path: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short.
+    It must also hold the optimizer state (OPTIMIZER_STATE_NAMES) and the adapter's weights."""
     state = path / "trainer_state.json"
     try:
         json.loads(state.read_text())
     except (OSError, ValueError):
         return False
-    return (path / "optimizer.pt").is_file() and any(path.glob("adapter_model.safetensors"))
+    return any((path / name).exists() for name in OPTIMIZER_STATE_NAMES) and (path / "adapter_model.safetensors").is_file()
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:

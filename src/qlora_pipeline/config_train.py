@@ -61,7 +61,10 @@ class TrainConfig(Section):
     each decoder layer's last one runs its adapter first, so recompute skips its frozen matmul."""
     dropout_mask_bits: bool | Literal["auto"] = False
     """With fused_lora on a CUDA GPU: LoRA dropout keeps its mask as bits (a Triton kernel), not bytes:
-    ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA."""
+    ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA.
+    This applies to eager layers: where cuda_graphs takes the layers, LoRA dropout uses the bit masks
+    whatever this says (their seeded draws are what a captured recompute can repeat); the run record's
+    plan_dropout_mask_bits says which masks trained."""
     padding_free: bool | Literal["auto"] = "auto"
     """Drop pad tokens: each micro-batch becomes one row of samples, attention kept per sample."""
     tune_micro_batch: bool = True

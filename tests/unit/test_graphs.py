@@ -16,6 +16,7 @@ from qlora_pipeline.config import TrainConfig
 from qlora_pipeline.core import fast
 from qlora_pipeline.core.fast import graphs
 from qlora_pipeline.core.model import apply_lora
+from qlora_pipeline.core.train import graph_counts as train_graph_counts
 from qlora_pipeline.errors import ConfigError
 from tests.unit.test_fast_path import LLAMA_8B, lora_with_visible_update
 
@@ -57,6 +58,10 @@ def test_eval_and_no_grad_calls_run_the_layers_eagerly(tiny_model):
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()  # a CPU tensor: never captured
     assert runner.eager_calls == 2 and runner.replays == 0 and not runner.graphs
+    # the run record says whether the graphs ran, not only that they were installed
+    assert train_graph_counts(model) == {"cuda_graph_replays": 0, "cuda_graph_eager_calls": 2}
+    fast.disable_cuda_graphs(model)
+    assert train_graph_counts(model) == {}
 
 
 def test_capture_requires_seeded_bit_masks_for_lora_dropout(tiny_model):
@@ -381,3 +386,16 @@ def test_graphs_true_refused_before_loading_where_compile_resolves_on(monkeypatc
     monkeypatch.setattr(fast.options, "_cuda", lambda device=None: True)
     with pytest.raises(ConfigError, match="train.compile resolves to on"):
         fast.resolve_options(TrainConfig(cuda_graphs=True, compile="auto", memory_budget_gib=10), "cuda")
+
+
+def test_graphs_true_refused_before_loading_for_a_model_type_they_cannot_run():
+    """The default model (OPT) loops over its layers itself: cuda_graphs true is refused from its
+    config, before any weight loads; auto leaves it to the loaded model's check (graphs off)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    with pytest.raises(ConfigError, match="model type 'opt' are not run by CUDA graphs.*set it to auto or false"):
+        graphs.refuse_before_loading(True, OPTConfig())
+    with pytest.raises(ConfigError, match="attention dropout"):
+        graphs.refuse_before_loading(True, LlamaConfig(attention_dropout=0.1))
+    graphs.refuse_before_loading("auto", OPTConfig())
+    graphs.refuse_before_loading(True, LlamaConfig())

@@ -146,6 +146,17 @@ class TrainResult:
     model.save_pretrained(..., state_dict=adapter_state); the model's own are shards."""
 
 
+def graph_counts(model: torch.nn.Module) -> dict[str, int]:
+    """With CUDA graphs installed: forwards replayed from the graphs and forwards run eagerly (the
+    first calls of a shape, other shapes, evaluation), so the record says whether graphs ran."""
+    from qlora_pipeline.core.fast import stack_runner
+
+    runner = stack_runner(model)
+    if runner is None:
+        return {}
+    return {"cuda_graph_replays": runner.replays, "cuda_graph_eager_calls": runner.eager_calls}
+
+
 def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (the adapter) as whole tensors on the CPU, gathered from FSDP2 shards.
 
@@ -256,7 +267,7 @@ def train_adapter(
     state = trainer.state
     fields = ("global_step", "num_input_tokens_seen", "log_history", "best_model_checkpoint", "best_global_step", "best_metric")
     result = _result({k: getattr(state, k, None) for k in fields}, run_loss, resume, history.rows, eval_dataset is not None)
-    result.plan = {**report.record(), "attention": _attention(model), **measured_peak_memory()}
+    result.plan = {**report.record(), **graph_counts(model), "attention": _attention(model), **measured_peak_memory()}
     if sharded:
         result.adapter_state = gather_trainable(trainer.model)
     return result

@@ -28,6 +28,7 @@ from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.data.store import load_prepared
 from qlora_pipeline.core.model import apply_lora, base_config, base_model_revision, load_base_model, resolve_compute_dtype, resolve_model
 from qlora_pipeline.core.fast.memory import ModelDims, leanest_plan_bytes
+from qlora_pipeline.core.fast.graphs import refuse_before_loading
 from qlora_pipeline.core.fast.options import GIB, resolve_options
 from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.plots import loss_figure, save_png
@@ -156,6 +157,8 @@ def run(ctx: StageContext) -> dict:
         cfg.train, ranks, lambda: _fits_one_gpu(ctx, resolve_model(cfg.model, paths.cache, paths.root), options.memory_budget_gib)
     )
     resolved, tokenizer = base_tokenizer(ctx)  # also fills the model cache before the ranks read it
+    if cfg.train.cuda_graphs is True and options.cuda_graphs:  # a model type the graphs cannot run: refused before loading
+        refuse_before_loading(True, base_config(cfg.model, resolved))
     sharded = how == "fsdp"
     checkpoint_dir = paths.checkpoints / checkpoint_key(ctx)
     if ranks > 1 and not distributed.launched():

@@ -179,7 +179,8 @@ class FastPathReport:
             "padding_free": int(self.padding_free),
             "varlen_attention": int(self.varlen_attention),
             "compiled_layers": self.compiled_layers,
-            "cuda_graphs": int(self.cuda_graphs),
+            "dropout_mask_bits": int(self.bit_masks),  # on with CUDA graphs whatever train.dropout_mask_bits says
+            "cuda_graphs": int(self.cuda_graphs),  # installed; train.py adds how many passes replayed
         }
 
     def describe(self) -> str:

@@ -45,6 +45,7 @@ from torch.utils import _pytree
 from torch.utils.checkpoint import checkpoint
 
 from qlora_pipeline.core.bitmask_dropout import SEED_HIGH
+from qlora_pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,32 @@ def _stack_container(model: nn.Module) -> nn.ModuleList | None:
 SAME_ARGUMENTS_MODELS = ("llama", "mistral", "gemma", "phi3", "qwen2", "qwen3")
 
 
+def config_blocker(config: Any) -> str | None:
+    """What in a model's config keeps CUDA graphs off (graph_blocker's part that needs no weights),
+    or None: a model type whose forward does not hand every layer the same arguments, layers of
+    several attention types, attention dropout."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SAME_ARGUMENTS_MODELS:
+        return f"the decoder layers of model type {model_type!r} are not run by CUDA graphs here (only {', '.join(SAME_ARGUMENTS_MODELS)})"
+    if len(set(getattr(config, "layer_types", None) or [None])) > 1:
+        return "this model's layers take different attention masks (config.layer_types)"
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return "attention dropout is on (config.attention_dropout)"
+    return None
+
+
+def refuse_before_loading(setting: bool | str, config: Any) -> None:
+    """train.cuda_graphs true for a model whose config already rules the graphs out: refused before
+    the weights load (graph_blocker checks the loaded model too).
+
+    Raises:
+        ConfigError: setting is true and config_blocker names a reason.
+    """
+    blocker = config_blocker(config) if setting is True else None
+    if blocker:
+        raise ConfigError(f"train.cuda_graphs is true but cannot run here: {blocker}; set it to auto or false")
+
+
 def graph_blocker(model: nn.Module) -> str | None:
     """Why CUDA graphs would not run this model correctly, or None.
 
@@ -80,14 +107,9 @@ def graph_blocker(model: nn.Module) -> str | None:
     from qlora_pipeline.core.fast.layers import _lora_linears
     from qlora_pipeline.core.fast.memory import unwrap
 
-    config = unwrap(model).config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SAME_ARGUMENTS_MODELS:
-        return f"the decoder layers of model type {model_type!r} are not run by CUDA graphs here (only {', '.join(SAME_ARGUMENTS_MODELS)})"
-    if len(set(getattr(config, "layer_types", None) or [None])) > 1:
-        return "this model's layers take different attention masks (config.layer_types)"
-    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
-        return "attention dropout is on (config.attention_dropout)"
+    blocker = config_blocker(unwrap(model).config)
+    if blocker:
+        return blocker
     container = _stack_container(model)
     if container is None:
         return "the decoder layers are not one ModuleList"

@@ -70,7 +70,10 @@ class TrainConfig(Section):
     tune_micro_batch: bool = True
     """On a GPU, trade per_device_batch_size against gradient_accumulation_steps (same product)."""
     memory_budget_gib: float | Literal["auto"] = "auto"
-    """Peak GPU memory the plan aims under; auto: 90% of the GPU's memory."""
+    """Peak GPU memory the plan aims under, as torch allocates it (max_memory_allocated); auto: 90% of
+    the GPU's memory. torch's caching allocator reserves more than that peak: on an H200, 8B shape,
+    4 x 2048 tokens, about 1.1 GiB more eagerly and 1.9 GiB more with cuda_graphs (their private
+    pool), so leave that much of a card's memory outside the budget (benchmarks/README.md)."""
     compile: bool | Literal["auto"] = False
     """torch.compile each decoder layer (removes the per-layer Python overhead; the first step pays
     the compile). auto: on with a CUDA GPU. Off by default: no speed-up measured on an H200

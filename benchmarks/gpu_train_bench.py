@@ -31,7 +31,7 @@ Recipes (each in its own process, so patches and allocator state never leak betw
                 segments instead of splitting cached blocks; the pipeline sets it for training)
   fast_compiled the fast path with train.compile: true (torch.compile of each decoder layer; liger
                 keeps only its fused linear+cross-entropy), same budget as fast
-  fast_compiled_m4  fast_compiled with the micro-batch kept at the configured size (no tuning)
+  fast_compiled_m4  fast_compiled with the micro-batch forced to 4 rows (the 8B batch: kept as configured)
   <fast recipe>_mN  that recipe with the micro-batch forced to N rows (accumulation batch / N); the
                 plan still picks the recomputed layers that fit the budget (e.g. fast_m1, fast_eager_m2)
 
@@ -351,10 +351,18 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         losses.append(step_loss if spec.get("lazy_loss") else float(step_loss))
         step_times.append(time.perf_counter())
         if step == 0:
+            sync()  # with lazy_loss nothing has waited for the GPU yet
             first_step_s = time.perf_counter() - t0  # includes compiling, when the recipe compiles
     sync()
     elapsed = time.perf_counter() - t0
     losses = [float(x) for x in losses]
+    peaks = {}
+    if on_gpu:  # read before the profiled steps below
+        peaks = {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+    from qlora_pipeline.core.fast import stack_runner
+
+    runner = stack_runner(model)
+    graph_counts = {"replays": runner.replays, "eager_calls": runner.eager_calls, "disabled": runner.disabled_reason} if runner else None
     profile = None
     if spec.get("profile"):  # one more step under torch.profiler: GPU busy time by kernel family
         from gpu_explore import profile_step
@@ -384,9 +392,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if profile is not None:
         result["profile"] = profile
-    if on_gpu:
-        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    result.update(peaks)
     if report is not None and report.compiled_layers:
         from torch._dynamo.utils import counters
 
@@ -395,11 +401,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "graph_breaks": {k[:200]: v for k, v in counters["graph_break"].items()},
             "recompiles": counters["recompiles"].get("total", 0) if "recompiles" in counters else None,
         }
-    from qlora_pipeline.core.fast import stack_runner
-
-    runner = stack_runner(model)
-    if runner is not None:
-        result["graphs"] = {"replays": runner.replays, "eager_calls": runner.eager_calls, "disabled": runner.disabled_reason}
+    if graph_counts is not None:
+        result["graphs"] = graph_counts
     if report is not None:
         result["fast_path"] = report.describe()
         result["plan"] = {

@@ -198,23 +198,20 @@ def test_resume_from_the_last_steps_checkpoint_trains_nothing_more(tiny_model, t
     assert [r["step"] for r in resumed.history] == [r["step"] for r in full.history]
 
 
-@pytest.mark.parametrize("optimizer_state", ["optimizer.pt", "optimizer.bin", "optimizer_0/"])
+@pytest.mark.parametrize("optimizer_state", ["optimizer.pt", "optimizer.bin"])
 def test_a_checkpoint_is_complete_with_each_form_of_the_optimizer_state(tmp_path, optimizer_state):
-    """One rank and DDP save optimizer.pt; FSDP saves optimizer.bin (FULL_STATE_DICT) or optimizer_0/
-    (SHARDED_STATE_DICT). A complete FSDP checkpoint taken for a partial one is deleted and the run
-    starts over from step 0."""
+    """One rank and DDP save optimizer.pt; FSDP with FULL_STATE_DICT (core/train.py's fsdp_arguments)
+    saves optimizer.bin beside the whole adapter. A complete FSDP checkpoint taken for a partial one
+    is deleted and the run starts over from step 0."""
     for step, complete in ((4, True), (8, False)):  # checkpoint-8 cut short before trainer_state.json
         ckpt = tmp_path / f"checkpoint-{step}"
         ckpt.mkdir()
         (ckpt / "adapter_model.safetensors").write_bytes(b"x")
-        if optimizer_state.endswith("/"):
-            (ckpt / optimizer_state).mkdir()
-        else:
-            (ckpt / optimizer_state).write_bytes(b"x")
+        (ckpt / optimizer_state).write_bytes(b"x")
         if complete:
             (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert latest_checkpoint(tmp_path).endswith("checkpoint-4")
-    assert not (tmp_path / "checkpoint-8").exists() and (tmp_path / "checkpoint-4" / optimizer_state.rstrip("/")).exists()
+    assert not (tmp_path / "checkpoint-8").exists() and (tmp_path / "checkpoint-4" / optimizer_state).exists()
 
 
 def test_a_checkpoint_without_optimizer_state_is_not_complete(tmp_path):

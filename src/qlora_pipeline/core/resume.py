@@ -117,9 +117,9 @@ class RunLoss(TrainerCallback, ExportableState):
 
 
 # The optimizer state as the Trainer saves it: optimizer.pt on one rank and under DDP; under FSDP
-# accelerate's save_fsdp_optimizer writes optimizer.bin (FULL_STATE_DICT) or an optimizer_0/
-# directory (SHARDED_STATE_DICT).
-OPTIMIZER_STATE_NAMES = ("optimizer.pt", "optimizer.bin", "optimizer_0")
+# accelerate's save_fsdp_optimizer writes optimizer.bin (FULL_STATE_DICT, which core/train.py's
+# fsdp_arguments sets: the adapter is then saved whole as adapter_model.safetensors).
+OPTIMIZER_STATE_NAMES = ("optimizer.pt", "optimizer.bin")
 
 
 def checkpoint_is_complete(path: Path) -> bool:
@@ -142,7 +142,7 @@ def latest_checkpoint(checkpoint_dir: Path) -> str | None:
         if checkpoint_is_complete(Path(newest)):
             return newest
         log.warning("skipping incomplete checkpoint %s (interrupted while saving)", newest)
-        shutil.rmtree(newest)
+        shutil.rmtree(newest, ignore_errors=True)  # every rank prunes it; one that loses the race loops on
     return None
 
 

@@ -179,7 +179,7 @@ class FastPathReport:
             "padding_free": int(self.padding_free),
             "varlen_attention": int(self.varlen_attention),
             "compiled_layers": self.compiled_layers,
-            "dropout_mask_bits": int(self.bit_masks),  # on with CUDA graphs whatever train.dropout_mask_bits says
+            "dropout_mask_bits": int(self.bit_masks),  # LoRA dropout on and its masks bits (always so with CUDA graphs)
             "cuda_graphs": int(self.cuda_graphs),  # installed; train.py adds how many passes replayed
         }
 
@@ -299,7 +299,9 @@ def apply_fast_path(
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         }
     )
-    report = FastPathReport(options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks, bits16 and fused > 0, graphed)
+    report = FastPathReport(
+        options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks and lora_dropout > 0, bits16 and fused > 0, graphed
+    )
     log.info("fast path: %s", report.describe())
     return model, cfg, report
 

@@ -293,6 +293,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     on_gpu = device == "cuda"
     compute_dtype = torch.bfloat16 if on_gpu else torch.float32
+    if spec.get("bitmask_launch"):  # the bit-mask dropout kernels' BLOCK and warps (gpu_dropout_tune.py)
+        from qlora_pipeline.core import bitmask_dropout
+
+        bitmask_dropout.BLOCK, bitmask_dropout.FORWARD_WARPS, bitmask_dropout.BACKWARD_WARPS = spec["bitmask_launch"]
     shape, seq_len = spec["shape"], spec["seq_len"]
     t_build = time.perf_counter()
     model = build_model(shape, device, compute_dtype, seed=spec["seed"])
@@ -524,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-recipes", default="fast", help="recipes checked against plain")
     p.add_argument("--check-tolerance", type=float, default=0.02)
     p.add_argument("--lazy-loss", action="store_true", help="read the step losses at the end, not after each step (no per-step sync)")
+    p.add_argument("--bitmask-launch", default="", help="BLOCK,FORWARD_WARPS,BACKWARD_WARPS of the bit-mask dropout kernels (default: the module's)")
     p.add_argument("--profile", default="", help="recipes profiled for one more step after the timed ones (torch.profiler)")
     p.add_argument("--timeout-s", type=float, default=300)
     p.add_argument("--out", default="")
@@ -542,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = ["tiny"] if args.tiny else [s for s in args.shapes.split(",") if s]
     check_shape = "tiny" if args.tiny else args.check_shape
-    common = dict(device=args.device, warmup=args.warmup, steps=args.steps, lr=args.lr, seed=SEED, lora_dropout=args.lora_dropout, lazy_loss=args.lazy_loss)
+    common = dict(device=args.device, warmup=args.warmup, steps=args.steps, lr=args.lr, seed=SEED, lora_dropout=args.lora_dropout, lazy_loss=args.lazy_loss,
+                  bitmask_launch=[int(v) for v in args.bitmask_launch.split(",")] if args.bitmask_launch else None)
     results: list[dict[str, Any]] = []
     out = Path(args.out) if args.out else None
 

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-BLOCK = 2048
+BLOCK = 2048  # elements per program (the random numbers' layout depends on it: a new BLOCK, new masks)
+FORWARD_WARPS = 4  # warps per program, forward and backward kernels (launch settings only: same results)
+BACKWARD_WARPS = 4
 SEED_HIGH = 2**31 - 1  # seeds are drawn in [0, SEED_HIGH): int32
 
 
@@ -103,7 +105,7 @@ def dropout_forward(x: torch.Tensor, p: float, seed: torch.Tensor | None = None)
     bits = torch.empty(n // 8, dtype=torch.uint8, device=x.device)
     if seed is None:
         seed = torch.randint(0, SEED_HIGH, (1,), device=x.device, dtype=torch.int32)
-    forward_kernel[(-(-n // BLOCK),)](x, y, bits, seed, n, float(p), 1.0 / (1.0 - p), BLOCK=BLOCK)
+    forward_kernel[(-(-n // BLOCK),)](x, y, bits, seed, n, float(p), 1.0 / (1.0 - p), BLOCK=BLOCK, num_warps=FORWARD_WARPS)
     return y, bits
 
 
@@ -115,7 +117,7 @@ def dropout_backward(grad: torch.Tensor, bits: torch.Tensor, p: float, out: torc
     accumulate = out is not None
     if out is None:
         out = torch.empty_like(grad)
-    backward_kernel[(-(-n // BLOCK),)](grad, bits, out, n, 1.0 / (1.0 - p), ACCUMULATE=accumulate, BLOCK=BLOCK)
+    backward_kernel[(-(-n // BLOCK),)](grad, bits, out, n, 1.0 / (1.0 - p), ACCUMULATE=accumulate, BLOCK=BLOCK, num_warps=BACKWARD_WARPS)
     return out
 
 

@@ -5,7 +5,8 @@ Re-exported by qlora_pipeline.config, which is where to import it from.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -100,10 +101,17 @@ class TrainConfig(Section):
             raise ValueError("must be auto or a number of GPUs >= 1")
         return v
 
+    @field_validator("memory_budget_gib", mode="before")
+    @classmethod
+    def _budget_not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic would take true for 1.0 GiB
+            raise ValueError("must be auto or a positive number of GiB, e.g. 14")
+        return v
+
     @field_validator("memory_budget_gib")
     @classmethod
     def _positive_budget(cls, v: float | str) -> float | str:
-        if not isinstance(v, str) and v <= 0:
+        if not isinstance(v, str) and not (0 < v < math.inf):  # NaN fails every comparison
             raise ValueError("must be auto or a positive number of GiB, e.g. 14")
         return v
 

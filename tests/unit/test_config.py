@@ -117,3 +117,10 @@ def test_a_value_outside_every_member_of_a_union_gets_one_line(override, message
     with pytest.raises(ConfigError) as info:
         load_config(DEFAULT_PARAMS, [override])
     assert str(info.value).splitlines()[1:] == [f"  {message}"]
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", ".inf", "true", "0", "-1"])
+def test_memory_budget_must_be_a_finite_positive_number(value):
+    """NaN passed a `<= 0` check and planned against a NaN budget; true was read as 1.0 GiB."""
+    with pytest.raises(ConfigError, match="train.memory_budget_gib: must be auto or a positive number of GiB"):
+        load_config(DEFAULT_PARAMS, [f"train.memory_budget_gib={value}"])

@@ -473,6 +473,28 @@ def test_compiled_layers_train_like_eager_ones(tiny_model, monkeypatch):
         torch._dynamo.reset()
 
 
+def test_compiled_layers_with_lora_dropout_trace_whole(tiny_model, monkeypatch):
+    """The CPU's 16-bit-draw dropout (Tensor.random_) broke each compiled layer's graph at every LoRA
+    layer, and dynamo then recompiled the LoRA forward per module until its limit (SmolLM2: 30
+    layers, a recompile storm and eager fallback). Compiled layers take torch's dropout: no break."""
+    from torch._dynamo.utils import counters
+
+    cfg, _, model = tiny_model
+    monkeypatch.setattr(fast.layers, "COMPILE_BACKEND", "aot_eager")
+    model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.05}))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model, _, report = fast.apply_fast_path(model, TrainConfig(compile=True, fused_lora=True, gradient_checkpointing=1), max_seq_len=16)
+        assert report.compiled_layers == 2 and not report.bits16_mask
+        ids = torch.randint(3, 200, (2, 16))
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+
+
 # --- the benchmark's own code path (benchmarks/gpu_train_bench.py --device cpu --tiny) ----------
 
 

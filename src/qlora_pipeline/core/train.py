@@ -117,6 +117,8 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # the Trainer sets transformers' verbosity to warning on ranks > 0 by default; keep the one the CLI set
+        log_level_replica="passive",
         # Which layers recompute is set on the model (core/fast/memory.py's memory plan), not a second time here.
         gradient_checkpointing=False,
         # Several ranks (torchrun): every LoRA parameter takes part in every step, so DDP need not

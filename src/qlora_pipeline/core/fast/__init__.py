@@ -256,7 +256,8 @@ def apply_fast_path(
     # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves;
     # CUDA graphs need the bit masks' seeded dropout
     bit_masks = options.fused_lora and (options.dropout_mask_bits or (graphs and lora_dropout > 0)) and not options.compile
-    bits16 = options.fused_lora and not _cuda(device)
+    # the CPU's 16-bit-draw dropout breaks a compiled layer's graph (Tensor.random_): compiled layers take torch's
+    bits16 = options.fused_lora and not _cuda(device) and not options.compile
     fused = (
         fuse_lora(model, group_siblings=not options.compile, bit_masks=bit_masks, bits16_mask=bits16)
         if options.fused_lora
@@ -290,7 +291,7 @@ def apply_fast_path(
     if not plan.fits:
         log.warning(
             "the memory plan does not fit train.memory_budget_gib (%s); training may run out of memory: "
-            "lower train.per_device_batch_size or data.max_seq_len",
+            "raise train.memory_budget_gib if the device has the memory, or lower train.per_device_batch_size or data.max_seq_len",
             plan.describe(),
         )
     cfg = cfg.model_copy(

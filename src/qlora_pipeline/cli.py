@@ -26,7 +26,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from qlora_pipeline import progress
-from qlora_pipeline.errors import QloraError
+from qlora_pipeline.errors import ConfigError, QloraError
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,30 @@ def _disk_full(exc: BaseException) -> bool:
 
 @app.command()
 def check(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Validate params.yaml (and overrides) and print the resolved config."""
-    _run(lambda ctx: print(json.dumps(ctx.cfg.model_dump(mode="json"), indent=2)), params, set_)
+    """Validate params.yaml (and overrides) and print the resolved config; warn where this machine
+    could not train them (params written for a GPU worker are still valid params)."""
+
+    def show(ctx) -> None:
+        print(json.dumps(ctx.cfg.model_dump(mode="json"), indent=2))
+        for problem in machine_problems(ctx.cfg):
+            err.print(f"[yellow]warning:[/] on this machine `qlora train` would stop: {escape(problem)}", highlight=False, soft_wrap=True)
+
+    _run(show, params, set_)
+
+
+def machine_problems(cfg) -> list[str]:
+    """What `qlora train` would refuse on this machine before loading anything (the fast path's
+    switches forced on where a feature is missing, more GPUs than visible)."""
+    from qlora_pipeline import distributed
+    from qlora_pipeline.core.fast.options import resolve_options
+
+    problems = []
+    for step in (lambda: resolve_options(cfg.train), lambda: distributed.world_size(cfg.train)):
+        try:
+            step()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 @app.command()

@@ -86,3 +86,19 @@ def test_loading_a_registered_model_does_not_print_where_the_alias_resolved(capl
         logger.info("'%s' resolved as '%s'", "models:/qlora-demo@champion", "mlflow-artifacts:/1/models/m-1/artifacts")
         logger.info("a message that stays")
     assert [r.getMessage() for r in caplog.records] == ["a message that stays"]
+
+
+def test_check_warns_where_this_machine_could_not_train_the_params():
+    """Params for a GPU worker are valid params: `qlora check` passes them and says what `qlora train`
+    would refuse here (no GPU on the test machine)."""
+    from tests.conftest import REPO
+
+    run = subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline.cli", "check", "--params", str(REPO / "params.yaml"), "-S", "train.cuda_graphs=true"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr
+    assert '"cuda_graphs": true' in run.stdout
+    assert "on this machine `qlora train` would stop: train.cuda_graphs is true but no CUDA GPU is visible" in " ".join(run.stderr.split())
+    plain = subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "check", "--params", str(REPO / "params.yaml")], capture_output=True, text=True, cwd=REPO)
+    assert plain.returncode == 0 and "warning" not in plain.stderr

@@ -50,7 +50,7 @@ def test_tuned_beats_base_and_metrics_are_finite(pipeline):
         assert math.isfinite(metrics[key]), key
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
     train = json.loads((project / "metrics/train.json").read_text())
-    assert train["global_step"] == 12 and train["tokens_per_second"] > 0
+    assert train["global_step"] == 12 and train["train_tokens_per_second"] > 0
     # the plan that trained (core/fast/ may change micro-batch and recompute), in the file and the run
     assert train["plan_micro_batch_size"] * train["plan_gradient_accumulation_steps"] == 8
     assert train["plan_num_layers"] == 2 and 0 <= train["plan_recomputed_layers"] <= 2 and train["plan_measured_peak_gib"] > 0

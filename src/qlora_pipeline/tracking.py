@@ -348,7 +348,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 4, first_delay_s: floa
 # ---- what a training run logs ----------------------------------------------------------------
 
 
-TRAINER_SUMMARY = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
+TRAINER_SUMMARY = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second", "total_flos")
 
 
 def metrics_callback(run_id: str | None = None):

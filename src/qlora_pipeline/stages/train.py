@@ -231,8 +231,9 @@ def run(ctx: StageContext) -> dict:
                 "global_step": result.global_step,
                 "train_runtime_s": round(result.train_runtime_s, 2),
                 "tokens_seen": result.tokens_seen,
-                # not "tokens_per_second": MLflow holds that name's per-step series (core/callbacks.py)
-                "train_tokens_per_second": round(result.tokens_seen / result.train_runtime_s, 2) if result.train_runtime_s else 0.0,
+                # the whole run, resumes included; not "tokens_per_second" (the per-step series, core/callbacks.py) nor
+                # "train_tokens_per_second" (the Trainer's, this process only: tracking.TRAINER_SUMMARY)
+                "run_tokens_per_second": round(result.tokens_seen / result.train_runtime_s, 2) if result.train_runtime_s else 0.0,
                 "trainable_params": trainable,
             }
             if result.best_step is not None:  # train.eval_steps > 0: the adapter saved is this step's

@@ -162,7 +162,8 @@ def _end_with_orchestrator() -> None:
     def watch() -> None:
         while all(alive(p) for p in watched):
             time.sleep(PARENT_POLL_S)
-        log.warning("the process that started this stage (pid %s) ended; stopping", ", ".join(str(p.pid) for p in watched))
+        ended = ", ".join(str(p.pid) for p in watched if not alive(p))
+        log.warning("the process that started this stage (pid %s) ended; stopping", ended)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="orchestrator-watch", daemon=True).start()

@@ -366,7 +366,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from qlora_pipeline.core.fast import stack_runner
 
     runner = stack_runner(model)
-    graph_counts = {"replays": runner.replays, "eager_calls": runner.eager_calls, "disabled": runner.disabled_reason} if runner else None
+    graph_counts = {**runner.counts(), "disabled": runner.disabled_reason} if runner else None
     profile = None
     if spec.get("profile"):  # one more step under torch.profiler: GPU busy time by kernel family
         from gpu_explore import profile_step

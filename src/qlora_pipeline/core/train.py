@@ -149,14 +149,11 @@ class TrainResult:
 
 
 def graph_counts(model: torch.nn.Module) -> dict[str, int]:
-    """With CUDA graphs installed: forwards replayed from the graphs and forwards run eagerly (the
-    first calls of a shape, other shapes, evaluation), so the record says whether graphs ran."""
+    """With CUDA graphs installed, StackRunner.counts as cuda_graph_*: the record says whether they ran."""
     from qlora_pipeline.core.fast import stack_runner
 
     runner = stack_runner(model)
-    if runner is None:
-        return {}
-    return {"cuda_graph_replays": runner.replays, "cuda_graph_eager_calls": runner.eager_calls}
+    return {f"cuda_graph_{k}": v for k, v in runner.counts().items()} if runner is not None else {}
 
 
 def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -74,7 +74,7 @@ def run(ctx: StageContext, console: Console | None = None) -> dict:
     if train:
         console.print(
             f"train: {train['global_step']} steps, loss {train['train_loss']:.4f}, "
-            f"{train.get('run_tokens_per_second', train.get('tokens_per_second', 0.0)):.0f} tokens/s, {train['train_runtime_s']:.0f} s"
+            f"{train['run_tokens_per_second']:.0f} tokens/s, {train['train_runtime_s']:.0f} s"
             + (f"; adapter from step {train['best_step']} (lowest eval loss, {train['best_eval_loss']:.4f})" if "best_step" in train else "")
         )
     if register:

@@ -28,7 +28,7 @@ from qlora_pipeline.core.data.collate import make_collator
 from qlora_pipeline.core.data.store import load_prepared
 from qlora_pipeline.core.model import apply_lora, base_config, base_model_revision, load_base_model, resolve_compute_dtype, resolve_model
 from qlora_pipeline.core.fast.memory import ModelDims, leanest_plan_bytes
-from qlora_pipeline.core.fast.graphs import refuse_before_loading
+from qlora_pipeline.core.fast.graph_blockers import refuse_before_loading
 from qlora_pipeline.core.fast.options import GIB, resolve_options
 from qlora_pipeline.core.train import train_adapter
 from qlora_pipeline.plots import loss_figure, save_png

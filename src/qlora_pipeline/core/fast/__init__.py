@@ -70,7 +70,8 @@ from qlora_pipeline.core.fast.attention import (
     varlen_attention_works,
 )
 from qlora_pipeline.core import bitmask_dropout
-from qlora_pipeline.core.fast.graphs import StackRunner, disable_cuda_graphs, enable_cuda_graphs, graph_blocker, stack_runner
+from qlora_pipeline.core.fast.graph_blockers import graph_blocker
+from qlora_pipeline.core.fast.graphs import StackRunner, disable_cuda_graphs, enable_cuda_graphs, stack_runner
 from qlora_pipeline.core.fast.layers import (
     COMPILE_BACKEND,
     SIBLING_GROUPS,

@@ -259,11 +259,14 @@ def machine_problems(cfg) -> list[str]:
     from qlora_pipeline.core.fast.options import resolve_options
 
     problems = []
-    for step in (lambda: resolve_options(cfg.train), lambda: distributed.world_size(cfg.train)):
-        try:
-            step()
-        except ConfigError as exc:
-            problems.append(str(exc))
+    try:
+        resolve_options(cfg.train)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:  # fsdp where it cannot run (no CUDA GPU, one rank); auto is decided at train time
+        distributed.strategy(cfg.train, distributed.world_size(cfg.train))
+    except ConfigError as exc:
+        problems.append(str(exc))
     return problems
 
 

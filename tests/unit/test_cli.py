@@ -100,5 +100,11 @@ def test_check_warns_where_this_machine_could_not_train_the_params():
     assert run.returncode == 0, run.stderr
     assert '"cuda_graphs": true' in run.stdout
     assert "on this machine `qlora train` would stop: train.cuda_graphs is true but no CUDA GPU is visible" in " ".join(run.stderr.split())
+    fsdp = subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline.cli", "check", "--params", str(REPO / "params.yaml"), "-S", "train.num_gpus=2",
+         "-S", "train.gradient_accumulation_steps=2", "-S", "train.distributed=fsdp"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert fsdp.returncode == 0 and "train.distributed is fsdp but no CUDA GPU is visible" in " ".join(fsdp.stderr.split())
     plain = subprocess.run([sys.executable, "-m", "qlora_pipeline.cli", "check", "--params", str(REPO / "params.yaml")], capture_output=True, text=True, cwd=REPO)
     assert plain.returncode == 0 and "warning" not in plain.stderr

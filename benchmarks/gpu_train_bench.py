@@ -23,7 +23,9 @@ Recipes (each in its own process, so patches and allocator state never leak betw
   fast          core.fast.apply_fast_path with train.memory_budget_gib set to 0.6x the lowest
                 original* peak of this run (or --fast-budget-gib): liger, fused LoRA, padding-free
                 packed batches with varlen (or cuDNN) attention, planned checkpointing and micro-batch
-  fast_bits     fast with train.dropout_mask_bits: true (LoRA dropout masks as bits, a Triton kernel)
+  fast_masks    fast with train.fused_dropout: false (the LoRA dropout keeps masks: bits with CUDA graphs)
+  fast_eager_masks  fast_eager with train.fused_dropout: false (torch's byte masks)
+  fast_bits     fast with train.fused_dropout: false and train.dropout_mask_bits: true (bit masks)
   fast_graphs   fast with train.cuda_graphs: true (the decoder stack replayed from CUDA graphs; bit masks)
   fast_eager    fast with train.cuda_graphs: false (the fast path before CUDA graphs)
   fast_max      the fast path with the whole GPU as its budget (memory_budget_gib: auto)
@@ -82,7 +84,7 @@ BATCH = {"1b": 8, "8b": 4, "tiny": 4}
 SEQ_LEN = {"1b": 2048, "8b": 2048, "tiny": 128}
 LORA = dict(r=16, alpha=32, dropout=0.05)  # the pipeline's params.yaml lora section
 VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0
-BUDGETED = ("fast", "fast_eager", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled")  # recipes run under the 0.6x-original budget, also with a _mN suffix
+BUDGETED = ("fast", "fast_eager", "fast_masks", "fast_eager_masks", "fast_bits", "fast_graphs", "fast_expseg", "fast_compiled")  # recipes run under the 0.6x-original budget, also with a _mN suffix
 
 
 def forced_micro(recipe: str) -> tuple[str, int | None]:
@@ -200,7 +202,8 @@ def setup_recipe(model, spec: dict[str, Any]):
         memory_budget_gib=spec.get("budget_gib") or "auto",
         compile=recipe.startswith("fast_compiled"),
         dropout_mask_bits=recipe == "fast_bits",
-        cuda_graphs=True if recipe == "fast_graphs" else False if recipe == "fast_eager" else "auto",
+        fused_dropout=False if recipe in ("fast_masks", "fast_eager_masks", "fast_bits") else "auto",
+        cuda_graphs=True if recipe == "fast_graphs" else False if recipe in ("fast_eager", "fast_eager_masks") else "auto",
     )
     model = apply_lora(model, lora_settings(dropout))
     fixed = spec["workload"] == "fixed"  # what rows_of_one_length finds for the pipeline's rows

@@ -41,6 +41,8 @@ case "$TORCH" in
 esac
 # The tests run the team stack for real (PostgreSQL aside, which is a system package): its extras too.
 [ "$DEV" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}dev,team,stack"
+# The Triton kernels' tests run in triton's CPU interpreter; CUDA torch brings its own triton.
+[ "$DEV" = 1 ] && [ "$TORCH" = cpu ] && EXTRAS="$EXTRAS,cpu-kernel-tests"
 [ "$TEAM" = 1 ] && [ "$DEV" = 0 ] && EXTRAS="${EXTRAS:+$EXTRAS,}team"
 
 step() { echo "install.sh: $*" >&2; }

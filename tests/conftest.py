@@ -56,6 +56,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels (core/lowrank_dropout.py) run in triton's CPU interpreter; it is chosen when triton
+# is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")

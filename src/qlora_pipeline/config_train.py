@@ -60,12 +60,19 @@ class TrainConfig(Section):
     fused_lora: bool | Literal["auto"] = "auto"
     """Each LoRA linear layer as one autograd node (frozen matmul, dropout, adapter, fused add);
     each decoder layer's last one runs its adapter first, so recompute skips its frozen matmul."""
+    fused_dropout: bool | Literal["auto"] = "auto"
+    """With fused_lora on a CUDA GPU: LoRA dropout fused into the adapter's rank-r matmuls (Triton,
+    core/lowrank_dropout.py): the mask is drawn again in the backward from a seed, so neither the
+    dropped-out input nor a mask is kept or written (a decoder layer not recomputed keeps what it
+    keeps without dropout), and the input is read once. On an H200, 8B shape: forward 2.2x and
+    backward 1.3x the bit-mask kernels' speed (benchmarks/README.md). Takes precedence over
+    dropout_mask_bits. auto: on with a CUDA GPU and triton."""
     dropout_mask_bits: bool | Literal["auto"] = False
     """With fused_lora on a CUDA GPU: LoRA dropout keeps its mask as bits (a Triton kernel), not bytes:
     ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA.
-    This applies to eager layers: where cuda_graphs takes the layers, LoRA dropout uses the bit masks
-    whatever this says (their seeded draws are what a captured recompute can repeat); the run record's
-    plan_dropout_mask_bits says which masks trained."""
+    Applies where fused_dropout is off. With cuda_graphs, LoRA dropout uses the fused dropout or else the
+    bit masks whatever this says (their seeded draws are what a captured recompute can repeat); the run
+    record's plan_dropout_fused and plan_dropout_mask_bits say which trained."""
     padding_free: bool | Literal["auto"] = "auto"
     """Drop pad tokens: each micro-batch becomes one row of samples, attention kept per sample."""
     tune_micro_batch: bool = True
@@ -147,6 +154,11 @@ class TrainConfig(Section):
                 "cuda_graphs: true needs fused LoRA layers, without compile and without fsdp (the graphs hold "
                 "the whole layers); set cuda_graphs to auto or false, or fused_lora to auto/true, compile to false "
                 "and distributed to ddp or auto"
+            )
+        if self.fused_dropout is True and (self.compile is True or self.fused_lora is False):
+            raise ValueError(
+                "fused_dropout: true needs fused LoRA layers without compile (the dropout lives in their autograd "
+                "node); set fused_lora to auto or true and compile to false, or fused_dropout to auto or false"
             )
         if self.dropout_mask_bits is True and self.compile is True:
             raise ValueError(

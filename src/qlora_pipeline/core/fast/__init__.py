@@ -69,7 +69,7 @@ from qlora_pipeline.core.fast.attention import (
     pack_sequences,
     varlen_attention_works,
 )
-from qlora_pipeline.core import bitmask_dropout
+from qlora_pipeline.core import bitmask_dropout, lowrank_dropout
 from qlora_pipeline.core.fast.graph_blockers import graph_blocker
 from qlora_pipeline.core.fast.graphs import StackRunner, disable_cuda_graphs, enable_cuda_graphs, stack_runner
 from qlora_pipeline.core.fast.layers import (
@@ -165,6 +165,7 @@ class FastPathReport:
     bit_masks: bool = False
     bits16_mask: bool = False
     cuda_graphs: bool = False
+    fused_dropout: bool = False
 
     def record(self) -> dict[str, int | float]:
         """What trained, as numbers (0/1 for switches): the values the Trainer got, which can differ
@@ -182,12 +183,15 @@ class FastPathReport:
             "compiled_layers": self.compiled_layers,
             "dropout_mask_bits": int(self.bit_masks),  # LoRA dropout on and its masks bits (always so with CUDA graphs)
             "cuda_graphs": int(self.cuda_graphs),  # installed; train.py adds how many passes replayed
+            "dropout_fused": int(self.fused_dropout),  # LoRA dropout on, inside the adapter's matmuls
         }
 
     def describe(self) -> str:
         liger = ("linear+cross-entropy only" if self.compiled_layers else "on") if self.liger else "off"
         parts = [self.plan.describe(), f"liger {liger}"]
         parts.append(f"fused LoRA on {self.fused_lora_modules} layers" if self.fused_lora_modules else "fused LoRA off")
+        if self.fused_dropout:
+            parts.append("LoRA dropout fused into the adapter's matmuls")
         if self.bit_masks:
             parts.append("LoRA dropout masks as bits")
         if self.bits16_mask:
@@ -254,13 +258,14 @@ def apply_fast_path(
         fixed_shapes = train_dataset is not None and rows_of_one_length(train_dataset)
     graphs = _graphs_possible(cfg, options, lora_dropout, fixed_shapes, graph_blocker(model) if options.cuda_graphs else None)
     liger = apply_liger(model, layer_kernels=not options.compile, loss_kernel=not sharded) if options.liger else False
-    # sibling groups and bit masks are eager-only: compiled layers fuse the dropout themselves;
-    # CUDA graphs need the bit masks' seeded dropout
-    bit_masks = options.fused_lora and (options.dropout_mask_bits or (graphs and lora_dropout > 0)) and not options.compile
+    # sibling groups and the Triton dropouts are eager-only: compiled layers fuse the dropout themselves;
+    # CUDA graphs need a seeded dropout: the fused one, else (an input it does not take) the bit masks
+    fused_dropout = options.fused_lora and options.fused_dropout and not options.compile and lora_dropout > 0
+    bit_masks = options.fused_lora and (options.dropout_mask_bits or graphs) and lora_dropout > 0 and not options.compile
     # the CPU's 16-bit-draw dropout breaks a compiled layer's graph (Tensor.random_): compiled layers take torch's
     bits16 = options.fused_lora and not _cuda(device) and not options.compile
     fused = (
-        fuse_lora(model, group_siblings=not options.compile, bit_masks=bit_masks, bits16_mask=bits16)
+        fuse_lora(model, group_siblings=not options.compile, bit_masks=bit_masks, bits16_mask=bits16, fused_dropout=fused_dropout)
         if options.fused_lora
         else 0
     )
@@ -278,9 +283,9 @@ def apply_fast_path(
         checkpointing=options.checkpointing,
         tune_micro_batch=options.tune_micro_batch,
         liger=liger,
-        lora_dropout=lora_dropout,
+        lora_dropout=0.0 if fused_dropout else lora_dropout,  # it keeps what a layer keeps without dropout
         compiled=options.compile,
-        bit_masks=bit_masks and lora_dropout > 0,
+        bit_masks=bit_masks and not fused_dropout,
         element_bytes=float(base.get_input_embeddings().weight.element_size()),
         float32_masks=not _cuda(device),
         graphs=graphs,
@@ -302,7 +307,7 @@ def apply_fast_path(
         }
     )
     report = FastPathReport(
-        options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks and lora_dropout > 0, bits16 and fused > 0, graphed
+        options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks and not fused_dropout, bits16 and fused > 0, graphed, fused_dropout
     )
     log.info("fast path: %s", report.describe())
     return model, cfg, report
@@ -323,8 +328,8 @@ def _graphs_possible(cfg: TrainConfig, options: FastOptions, lora_dropout: float
     missing = None
     if not options.fused_lora or options.compile:
         missing = "fused LoRA layers without compile"
-    elif lora_dropout > 0 and not bitmask_dropout.available():
-        missing = "triton for the LoRA dropout's bit masks (or lora.dropout: 0)"
+    elif lora_dropout > 0 and not (bitmask_dropout.available() or lowrank_dropout.available()):
+        missing = "triton for the LoRA dropout's seeded masks (or lora.dropout: 0)"
     if missing is None and blocker is None:
         return True
     if cfg.cuda_graphs is True:

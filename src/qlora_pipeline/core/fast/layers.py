@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_pipeline.core import bitmask_dropout
+from qlora_pipeline.core import bitmask_dropout, lowrank_dropout
 from qlora_pipeline.core.fast.memory import decoder_layers, unwrap
 from qlora_pipeline.core.fast.nodes import FrozenLinearAddFunction, LoraLinearFunction, LoraMember
 
@@ -111,18 +111,19 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
         return None
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    bit_mask = p > 0 and getattr(self, "_lora_bitmask_dropout", False) and bitmask_dropout.supports(x)
-    bits16 = p > 0 and not bit_mask and getattr(self, "_lora_bits16_dropout", False) and x.device.type == "cpu"
-    seed = getattr(self, "_lora_seed", None) if bit_mask else None
+    fused = p > 0 and getattr(self, "_lora_fused_dropout", False) and lowrank_dropout.supports(x, weight_a.shape[0])
+    bit_mask = p > 0 and not fused and getattr(self, "_lora_bitmask_dropout", False) and bitmask_dropout.supports(x)
+    bits16 = p > 0 and not (fused or bit_mask) and getattr(self, "_lora_bits16_dropout", False) and x.device.type == "cpu"
+    seed = getattr(self, "_lora_seed", None) if bit_mask or fused else None
     if p > 0 and getattr(self, "_lora_seed_required", False) and seed is None:
         # a recompute without the seed would draw another mask than the forward (graphs.py)
         why = (
-            f"LoRA dropout on a {tuple(x.shape)} {x.device.type} input cannot take the bit-mask dropout that CUDA graphs need"
-            if not bit_mask
+            f"LoRA dropout on a {tuple(x.shape)} {x.device.type} input cannot take the seeded dropout that CUDA graphs need"
+            if not (bit_mask or fused)
             else "the model's forward did not run its decoder layers through the CUDA-graph runner"
         )
         raise RuntimeError(f"{why}; set train.cuda_graphs to false")
-    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, runs_base_matmul, bit_mask, bits16, seed)
+    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, runs_base_matmul, bit_mask, bits16, seed, fused)
     return member, weight_a, weight_b
 
 
@@ -234,13 +235,21 @@ def _sibling_groups(layer: nn.Module, exclude: set[int]) -> list[list[nn.Module]
 
 
 def fuse_lora(
-    model: nn.Module, *, tail_first: bool = True, group_siblings: bool = True, bit_masks: bool = False, bits16_mask: bool = False
+    model: nn.Module,
+    *,
+    tail_first: bool = True,
+    group_siblings: bool = True,
+    bit_masks: bool = False,
+    bits16_mask: bool = False,
+    fused_dropout: bool = False,
 ) -> int:
     """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction): the last one of
     each decoder layer the adapter-first forward (tail_first), siblings on one input one node
     together (group_siblings, SIBLING_GROUPS), dropout masks kept as bits on a CUDA GPU
-    (bit_masks, core/bitmask_dropout.py), dropout masks drawn 16 bits per element on the CPU
-    (bits16_mask, bits16_dropout). Returns how many layers were changed."""
+    (bit_masks, core/bitmask_dropout.py), dropout inside the adapter's matmuls with its mask drawn
+    again in the backward (fused_dropout, core/lowrank_dropout.py; before bit_masks where both
+    apply), dropout masks drawn 16 bits per element on the CPU (bits16_mask, bits16_dropout).
+    Returns how many layers were changed."""
     tails: set[int] = set()
     if tail_first:
         tails = {id(lins[-1]) for layer in decoder_layers(model) if (lins := _lora_linears(layer))}
@@ -262,6 +271,8 @@ def fuse_lora(
             module._lora_bitmask_dropout = True
         if bits16_mask:
             module._lora_bits16_dropout = True
+        if fused_dropout:
+            module._lora_fused_dropout = True
     return len(modules)
 
 
@@ -273,6 +284,7 @@ def unfuse_lora(model: nn.Module) -> None:
         vars(module).pop("_lora_group", None)
         vars(module).pop("_lora_bitmask_dropout", None)
         vars(module).pop("_lora_bits16_dropout", None)
+        vars(module).pop("_lora_fused_dropout", None)
         vars(module).pop("_lora_seed", None)
         vars(module).pop("_lora_seed_required", None)
 

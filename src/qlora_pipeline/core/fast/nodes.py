@@ -8,15 +8,16 @@ from typing import Any
 
 import torch
 
-from qlora_pipeline.core import bitmask_dropout
+from qlora_pipeline.core import bitmask_dropout, lowrank_dropout
 
 
 @dataclass(frozen=True, eq=False)
 class LoraMember:
     """One LoRA linear layer's constants for LoraLinearFunction: its frozen base (weight, bias,
     bitsandbytes quant state, or None for a plain weight), the adapter's scale and dropout, and
-    whether the node runs the base matmul too (runs_base_matmul=False: the adapter's branch alone), and whether
-    its dropout keeps the mask as bits (core/bitmask_dropout.py, CUDA) or as torch's bytes."""
+    whether the node runs the base matmul too (runs_base_matmul=False: the adapter's branch alone), and how
+    its dropout keeps the mask: not at all, drawn again in the backward (fused_dropout,
+    core/lowrank_dropout.py, CUDA), as bits (core/bitmask_dropout.py, CUDA) or as torch's bytes."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -26,7 +27,8 @@ class LoraMember:
     runs_base_matmul: bool = True
     bit_mask: bool = False
     bits16: bool = False  # CPU: the mask from 16 random bits per element (bits16_dropout)
-    seed: torch.Tensor | None = None  # the bit mask's seed (core/fast/graphs.py); None: drawn here
+    seed: torch.Tensor | None = None  # the seeded dropout's seed (core/fast/graphs.py); None: drawn here
+    fused_dropout: bool = False  # dropout inside the adapter's matmuls, its mask drawn again (lowrank_dropout)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -35,7 +37,8 @@ class LoraLinearFunction(torch.autograd.Function):
     (dropout, two casts, two matmuls, the 4-bit matmul, the add): less Python and fewer kernels per
     layer and pass, and the backward sums the members' input gradients in place, in the matmuls'
     epilogues. Saves what peft saves: each member's dropped-out input and mask, its rank-r hidden
-    state and casted adapter weights. Each member draws its own dropout mask, in member order, as
+    state and casted adapter weights; with fused_dropout, the input the members share and a seed
+    instead of the dropped-out inputs and masks. Each member draws its own dropout mask, in member order, as
     peft's layers do when called one after another.
 
         outputs = LoraLinearFunction.apply(x, members, a_0, b_0, a_1, b_1, ...)  # a tuple if several
@@ -49,7 +52,13 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         outputs, saved = [], []
         for member, weight_a, weight_b in zip(members, weights[0::2], weights[1::2]):
-            if member.p > 0 and member.bit_mask:
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            if member.p > 0 and member.fused_dropout:  # drop(x) @ a.T in one kernel; the mask is drawn again in the backward
+                x2 = x2.contiguous()
+                seed = member.seed if member.seed is not None else lowrank_dropout.new_seed(x2.device)
+                hidden = lowrank_dropout.forward(x2, a, seed, member.p)
+                dropped, mask = x2, seed
+            elif member.p > 0 and member.bit_mask:
                 dropped, mask = bitmask_dropout.dropout_forward(x2, member.p, member.seed)
             elif member.p > 0 and member.bits16:
                 dropped, mask = bits16_dropout(x2, member.p)
@@ -57,8 +66,8 @@ class LoraLinearFunction(torch.autograd.Function):
                 dropped, mask = torch.native_dropout(x2, member.p, True)
             else:
                 dropped, mask = x2, None
-            a, b = weight_a.to(dtype), weight_b.to(dtype)
-            hidden = torch.mm(dropped, a.t())
+            if not (member.p > 0 and member.fused_dropout):
+                hidden = torch.mm(dropped, a.t())
             if member.runs_base_matmul:
                 out = _frozen_matmul(x2, member.weight, member.bias, member.quant_state, dtype)
                 out.addmm_(hidden, b.t(), alpha=member.scale)
@@ -85,10 +94,17 @@ class LoraLinearFunction(torch.autograd.Function):
             g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
             grad_b = torch.mm(g.t(), hidden).mul_(member.scale)
             grad_hidden = torch.mm(g, b).mul_(member.scale)
-            grad_weights += [torch.mm(grad_hidden.t(), dropped), grad_b]
+            fused = member.p > 0 and member.fused_dropout
+            if fused:  # grad_a and the input gradient in one pass, the mask drawn again
+                grad_a, grad_x = lowrank_dropout.backward(grad_hidden, dropped, a, mask, member.p, grad_x, need_grad_x=ctx.needs_input_grad[0])
+                grad_weights += [grad_a, grad_b]
+            else:
+                grad_weights += [torch.mm(grad_hidden.t(), dropped), grad_b]
             if not ctx.needs_input_grad[0]:
                 continue
-            if mask is None:
+            if fused:
+                pass  # lowrank_dropout.backward added this member's input gradient
+            elif mask is None:
                 grad_x = torch.mm(grad_hidden, a) if grad_x is None else grad_x.addmm_(grad_hidden, a)
             elif member.bit_mask:  # mask applied and added into grad_x in one kernel
                 grad_x = bitmask_dropout.dropout_backward(torch.mm(grad_hidden, a), mask, member.p, out=grad_x)

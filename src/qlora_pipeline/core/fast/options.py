@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qlora_pipeline.core import bitmask_dropout
+from qlora_pipeline.core import bitmask_dropout, lowrank_dropout
 from qlora_pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class FastOptions:
     compile: bool = False
     dropout_mask_bits: bool = False
     cuda_graphs: bool = False
+    fused_dropout: bool = False
 
 
 def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) -> FastOptions:
@@ -81,6 +82,7 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
         dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=bitmask_dropout.available()),
         cuda_graphs=_cuda_graphs_switch(cfg.cuda_graphs, on_gpu),
+        fused_dropout=resolve_switch(cfg.fused_dropout, "fused_dropout", on_gpu=on_gpu, available=on_gpu and lowrank_dropout.available()),
     )
     if cfg.cuda_graphs is True and options.compile:
         raise ConfigError("train.cuda_graphs is true and train.compile resolves to on (auto with a GPU); set compile to false")

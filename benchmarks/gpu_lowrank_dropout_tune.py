@@ -100,6 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="a few settings only")
+    parser.add_argument("--rounds-only", action="store_true", help="only time the default settings at 10 and 7 Philox rounds")
+    parser.add_argument("--rounds", type=int, default=10, help="Philox rounds for the sweep")
+    parser.add_argument("--wide", action="store_true", help="a wider sweep (smaller row blocks, more warps, stages and row splits)")
     args = parser.parse_args()
     torch.manual_seed(0)
     seed = torch.tensor([12345], device="cuda", dtype=torch.int32)
@@ -116,11 +119,34 @@ def main() -> None:
     result["triton"] = triton.__version__
     result["baselines"] = {name: baselines(x, a, gh, gx, seed) for name, (x, a, gh, gx) in inputs.items()}
     result["default_check"] = {name: check(x, a, gh, seed, {}, {}) for name, (x, a, gh, _) in inputs.items()}
+    rounds_rows = []
+    for rounds in (10, 7):
+        ld.PHILOX_ROUNDS = rounds
+        row: dict = {"rounds": rounds}
+        for name, (x, a, gh, gx) in inputs.items():
+            row[name] = {"forward": graph_ms(lambda: ld.forward(x, a, seed, P)), "backward": graph_ms(lambda: ld.backward(gh, x, a, seed, P, gx))}
+        row["check"] = {name: check(x, a, gh, seed, {}, {}) for name, (x, a, gh, _) in inputs.items()}
+        row["layer_ms"] = {d: round(sum(LAYER_MIX[n] * row[n][d] for n in SHAPES), 4) for d in ("forward", "backward")}
+        rounds_rows.append(row)
+    ld.PHILOX_ROUNDS = 10
+    result["philox_rounds"] = rounds_rows
+    if args.rounds_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
 
+    ld.PHILOX_ROUNDS = args.rounds
+    result["sweep_rounds"] = args.rounds
     forward_grid = [dict(block_m=bm, block_k=bk, warps=w, stages=s) for bm, bk, w, s in itertools.product(
         (16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4))]
     backward_grid = [dict(block_m=bm, block_k=bk, warps=w, stages=s, split_m=sp) for bm, bk, w, s, sp in itertools.product(
         (32, 64, 128), (64, 128), (4, 8), (1, 2, 3), (4, 8, 16))]
+    if args.wide:
+        forward_grid = [dict(block_m=bm, block_k=bk, warps=w, stages=s) for bm, bk, w, s in itertools.product(
+            (16, 32, 64), (64, 128, 256), (2, 4, 8), (3, 4, 5))]
+        backward_grid = [dict(block_m=bm, block_k=bk, warps=w, stages=s, split_m=sp) for bm, bk, w, s, sp in itertools.product(
+            (16, 32, 64), (64, 128, 256), (2, 4), (2, 3, 4), (8, 16))]
     if args.quick:
         forward_grid, backward_grid = forward_grid[:4], backward_grid[:4]
     t0 = time.time()

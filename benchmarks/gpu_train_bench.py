@@ -296,6 +296,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     on_gpu = device == "cuda"
     compute_dtype = torch.bfloat16 if on_gpu else torch.float32
+    if spec.get("philox_rounds"):  # rounds of the fused LoRA dropout's Philox draws (core/lowrank_dropout.py)
+        from qlora_pipeline.core import lowrank_dropout
+
+        lowrank_dropout.PHILOX_ROUNDS = spec["philox_rounds"]
+    if spec.get("lowrank_launch"):  # its launch settings (gpu_lowrank_dropout_tune.py)
+        from qlora_pipeline.core import lowrank_dropout as ld
+
+        (ld.FORWARD_BLOCK_M, ld.FORWARD_BLOCK_K, ld.FORWARD_WARPS, ld.FORWARD_STAGES, ld.BACKWARD_BLOCK_M, ld.BACKWARD_BLOCK_K,
+         ld.BACKWARD_WARPS, ld.BACKWARD_STAGES, ld.BACKWARD_SPLIT_M) = spec["lowrank_launch"]
     if spec.get("bitmask_launch"):  # the bit-mask dropout kernels' BLOCK and warps (gpu_dropout_tune.py)
         from qlora_pipeline.core import bitmask_dropout
 
@@ -531,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-recipes", default="fast", help="recipes checked against plain")
     p.add_argument("--check-tolerance", type=float, default=0.02)
     p.add_argument("--lazy-loss", action="store_true", help="read the step losses at the end, not after each step (no per-step sync)")
+    p.add_argument("--philox-rounds", type=int, default=0, help="Philox rounds of the fused LoRA dropout (default: the module's)")
+    p.add_argument("--lowrank-launch", default="", help="forward BM,BK,warps,stages and backward BM,BK,warps,stages,split of the fused LoRA dropout")
     p.add_argument("--bitmask-launch", default="", help="BLOCK,FORWARD_WARPS,BACKWARD_WARPS of the bit-mask dropout kernels (default: the module's)")
     p.add_argument("--profile", default="", help="recipes profiled for one more step after the timed ones (torch.profiler)")
     p.add_argument("--timeout-s", type=float, default=300)
@@ -551,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     shapes = ["tiny"] if args.tiny else [s for s in args.shapes.split(",") if s]
     check_shape = "tiny" if args.tiny else args.check_shape
     common = dict(device=args.device, warmup=args.warmup, steps=args.steps, lr=args.lr, seed=SEED, lora_dropout=args.lora_dropout, lazy_loss=args.lazy_loss,
-                  bitmask_launch=[int(v) for v in args.bitmask_launch.split(",")] if args.bitmask_launch else None)
+                  bitmask_launch=[int(v) for v in args.bitmask_launch.split(",")] if args.bitmask_launch else None,
+                  philox_rounds=args.philox_rounds or None,
+                  lowrank_launch=[int(v) for v in args.lowrank_launch.split(",")] if args.lowrank_launch else None)
     results: list[dict[str, Any]] = []
     out = Path(args.out) if args.out else None
 

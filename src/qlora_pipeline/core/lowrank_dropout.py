@@ -37,6 +37,7 @@ BACKWARD_BLOCK_K = 64
 BACKWARD_WARPS = 4
 BACKWARD_STAGES = 3
 BACKWARD_SPLIT_M = 8  # row splits of grad_a, summed afterwards (deterministic, no atomics)
+PHILOX_ROUNDS = 10  # Philox4x32 rounds per draw (triton's default)
 SEED_HIGH = 2**31 - 1
 MAX_ELEMENTS = 2**31 - 1  # Philox counters are 32-bit
 
@@ -110,7 +111,7 @@ def forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, *, b
     drop = drop_count(p)
     forward_kernel[(-(-m // bm),)](
         x, a.contiguous(), hidden, seed, m, k, r, drop, 65536.0 / (65536 - drop),
-        R_PAD=_rank_pad(r), BM=bm, BK=block_k or FORWARD_BLOCK_K, STAGES=stages or FORWARD_STAGES,
+        R_PAD=_rank_pad(r), BM=bm, BK=block_k or FORWARD_BLOCK_K, STAGES=stages or FORWARD_STAGES, ROUNDS=PHILOX_ROUNDS,
         num_warps=warps or FORWARD_WARPS,
     )
     return hidden
@@ -141,7 +142,7 @@ def backward(grad_hidden: torch.Tensor, x: torch.Tensor, a: torch.Tensor, seed: 
     backward_kernel[(-(-k // bk), splits)](
         grad_hidden.contiguous(), x, a.contiguous(), grad_x if need_grad_x else x, partial, seed, m, k, r,
         rows_per_split, drop, 65536.0 / (65536 - drop),
-        R_PAD=_rank_pad(r), BM=bm, BK=bk, STAGES=stages or BACKWARD_STAGES, GRAD_X=need_grad_x,
+        R_PAD=_rank_pad(r), BM=bm, BK=bk, STAGES=stages or BACKWARD_STAGES, ROUNDS=PHILOX_ROUNDS, GRAD_X=need_grad_x,
         ACCUMULATE=accumulate, num_warps=warps or BACKWARD_WARPS,
     )
     grad_a = partial[0] if splits == 1 else partial.sum(0)
@@ -153,7 +154,7 @@ def keep_mask(shape: tuple[int, int], seed: torch.Tensor, p: float, device: torc
     _, _, mask_kernel = _kernels()
     m, k = shape
     out = torch.empty(m, k, device=device, dtype=torch.int8)
-    mask_kernel[(-(-m // 16), -(-k // 64))](out, seed, m, k, drop_count(p), BM=16, BK=64)
+    mask_kernel[(-(-m // 16), -(-k // 64))](out, seed, m, k, drop_count(p), BM=16, BK=64, ROUNDS=PHILOX_ROUNDS)
     return out.bool()
 
 

@@ -64,9 +64,9 @@ class TrainConfig(Section):
     """With fused_lora on a CUDA GPU: LoRA dropout fused into the adapter's rank-r matmuls (Triton,
     core/lowrank_dropout.py): the mask is drawn again in the backward from a seed, so neither the
     dropped-out input nor a mask is kept or written (a decoder layer not recomputed keeps what it
-    keeps without dropout), and the input is read once. On an H200, 8B shape: forward 2.2x and
-    backward 1.3x the bit-mask kernels' speed (benchmarks/README.md). Takes precedence over
-    dropout_mask_bits. auto: on with a CUDA GPU and triton."""
+    keeps without dropout), and the input is read once. On an H200, 8B shape: an adapter's forward
+    2.5x and backward 1.4x the bit-mask kernels' speed, the training step 1.05x (benchmarks/README.md).
+    Takes precedence over dropout_mask_bits. auto: on with a CUDA GPU and triton."""
     dropout_mask_bits: bool | Literal["auto"] = False
     """With fused_lora on a CUDA GPU: LoRA dropout keeps its mask as bits (a Triton kernel), not bytes:
     ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA.
@@ -89,8 +89,8 @@ class TrainConfig(Section):
 
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay the decoder layers' forward and backward from CUDA graphs (core/fast/graphs.py): the
-    host's kernel launches leave the step. Needs fused_lora; LoRA dropout then keeps its masks as bits
-    (triton). One shape is captured, so it pays where every training row has one length (a corpus
+    host's kernel launches leave the step. Needs fused_lora; LoRA dropout then draws its masks from
+    seeds (the fused dropout, else bit masks; triton). One shape is captured, so it pays where every training row has one length (a corpus
     cut into max_seq_len chunks); SFT samples of varying length stay eager. auto: on with one
     CUDA GPU when the training rows have one length."""
 

@@ -40,6 +40,8 @@ def test_default_params_validate():
         ("register.model_name=' bot'", "is not a registered model name"),
         ("train.dropout_mask_bits=true;train.fused_lora=false", "dropout_mask_bits: true needs fused LoRA layers"),
         ("train.dropout_mask_bits=true;train.compile=true", "dropout_mask_bits: true and compile: true cannot both apply"),
+        ("train.fused_dropout=true;train.compile=true", "fused_dropout: true needs fused LoRA layers without compile"),
+        ("train.fused_dropout=true;train.fused_lora=false", "fused_dropout: true needs fused LoRA layers without compile"),
         ("train.num_gpus=2;train.gradient_accumulation_steps=3", "gradient_accumulation_steps (3) must be a multiple of num_gpus (2)"),
         ("train.num_gpus=0", "train.num_gpus: must be auto or a number of GPUs >= 1"),
         ("train.distributed=fsdp;quantization.quant_storage=uint8", "fsdp needs the 4-bit weights stored in the compute dtype"),

@@ -97,6 +97,12 @@ def test_bit_masks_forced_on_without_a_cuda_gpu_fail_clearly():
         fast.resolve_options(TrainConfig(dropout_mask_bits=True), "cpu")
 
 
+def test_fused_dropout_is_off_on_a_cpu_and_refused_when_forced():
+    assert fast.resolve_options(TrainConfig(), "cpu").fused_dropout is False
+    with pytest.raises(ConfigError, match="train.fused_dropout is true but it is not available here"):
+        fast.resolve_options(TrainConfig(fused_dropout=True), "cpu")
+
+
 def test_liger_forced_on_without_liger_fails_clearly(monkeypatch):
     monkeypatch.setattr(fast.options, "liger_available", lambda: False)
     with pytest.raises(ConfigError, match="train.use_liger is true but it is not available"):

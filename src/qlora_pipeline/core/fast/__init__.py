@@ -6,7 +6,7 @@ core/train.py makes this call before it builds the Trainer; the padding-free bat
 data collator (core/data/collate.py, `make_collator(..., padding_free=...)`). Each piece has a knob in `train:`
 (params.yaml) whose default `auto` means "on with a CUDA GPU" unless said otherwise below. On the
 8B shape on an H200 (benchmarks/README.md), with the memory budget at 0.6x the original recipe's
-peak, the pieces together give 11,567 tokens/s at 14.1 GiB:
+peak, the pieces together give 12,289-12,302 tokens/s at 13.8 GiB (1.51x plain transformers + peft):
 
 - per-layer gradient checkpointing: recompute only as many decoder layers as the memory budget
   needs, the first ones (their recompute runs last, when the later layers' activations are freed);
@@ -18,14 +18,17 @@ peak, the pieces together give 11,567 tokens/s at 14.1 GiB:
   add) instead of peft's seven, and siblings on one input (q/k/v, gate/up) one node together; the
   last one of each decoder layer runs its adapter first, so a recomputed layer stops before its
   frozen matmul (down_proj on Llama), which then adds the adapter's update in its epilogue;
-- dropout masks as bits (opt-in, `train.dropout_mask_bits`): ~6% less peak at the same recompute,
-  no faster (Triton's launch cost on the host outweighs its lighter kernels);
+- fused LoRA dropout (`train.fused_dropout`, core/lowrank_dropout.py): the dropout inside the
+  adapter's rank-r matmuls (Triton), its mask drawn again in the backward from a seed, so no
+  dropped-out copies are written or kept: 1.05x the step with the masks kept, less memory;
+- dropout masks as bits (opt-in where the fused dropout is off, `train.dropout_mask_bits`): ~6% less
+  peak at the same recompute, no faster (Triton's launch cost on the host outweighs its lighter kernels);
 - padding-free batches: pad tokens dropped, samples packed into one row with per-sample position
   ids, kept apart by variable-length flash attention; unpacked full rows use cuDNN attention;
 - CUDA graphs (`train.cuda_graphs`; auto: with one CUDA GPU and training rows all of one length,
   a corpus cut into max_seq_len chunks say): the decoder stack's forward and backward (recompute included) replayed as
-  two CUDA graphs, so the host's launches leave the step (graphs.py); the LoRA dropout then keeps
-  bit masks, seeded per layer from a tensor. 1B shape: 1.16x at 0.82x the memory; 8B: 1.01x;
+  two CUDA graphs, so the host's launches leave the step (graphs.py); the LoRA dropout (fused, else
+  bit masks) is then seeded per layer from a tensor. 1B shape: 1.16x at 0.82x the memory; 8B: 1.02x;
 - compile (opt-in, `train.compile`, default false): torch.compile of each decoder layer (one
   graph, no graph breaks, ~11 s at the first step); liger then keeps only its fused
   linear+cross-entropy (inductor fuses norms, RoPE and SwiGLU). On the H200 it was slower at

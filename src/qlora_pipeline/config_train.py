@@ -66,7 +66,9 @@ class TrainConfig(Section):
     dropped-out input nor a mask is kept or written (a decoder layer not recomputed keeps what it
     keeps without dropout), and the input is read once. On an H200, 8B shape: an adapter's forward
     2.5x and backward 1.4x the bit-mask kernels' speed, the training step 1.05x (benchmarks/README.md).
-    Takes precedence over dropout_mask_bits. auto: on with a CUDA GPU and triton."""
+    Takes precedence over dropout_mask_bits. A layer the kernels cannot take (in_features not a multiple
+    of 8, rank above 128) keeps its masks as dropout_mask_bits says (bits under cuda_graphs). auto: on
+    with a CUDA GPU and triton."""
     dropout_mask_bits: bool | Literal["auto"] = False
     """With fused_lora on a CUDA GPU: LoRA dropout keeps its mask as bits (a Triton kernel), not bytes:
     ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA.

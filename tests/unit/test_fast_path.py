@@ -520,3 +520,16 @@ def test_benchmark_runs_on_the_tiny_shape(recipe):
     assert result["real_tokens"] > 0 and result["tokens_per_s"] > 0 and result["gflop_per_token"] > 0
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
     assert ("fast_path" in result) == (recipe == "fast")
+
+
+def test_fused_dropout_forced_on_where_compile_resolves_on_fails_clearly(monkeypatch):
+    # on a GPU, compile: auto resolves on, and compiled layers take torch's dropout: true would be ignored
+    from qlora_pipeline.core import lowrank_dropout
+    from qlora_pipeline.core.fast import options
+
+    monkeypatch.setattr(options, "_cuda", lambda device=None: True)
+    monkeypatch.setattr(lowrank_dropout, "available", lambda: True)
+    monkeypatch.setattr(options, "compile_available", lambda: True)
+    with pytest.raises(ConfigError, match="train.fused_dropout is true and train.compile resolves to on"):
+        fast.resolve_options(TrainConfig(fused_dropout=True, compile="auto", memory_budget_gib=10), "cuda")
+    assert fast.resolve_options(TrainConfig(fused_dropout=True, compile=False, memory_budget_gib=10), "cuda").fused_dropout

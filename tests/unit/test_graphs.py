@@ -64,16 +64,16 @@ def test_eval_and_no_grad_calls_run_the_layers_eagerly(tiny_model):
     assert train_graph_counts(model) == {}
 
 
-def test_capture_requires_seeded_bit_masks_for_lora_dropout(tiny_model):
+def test_capture_requires_a_seeded_dropout_for_lora_dropout(tiny_model):
     # a captured recompute cannot restore torch's generator: with capture on, a LoRA dropout that
-    # cannot take the seeded bit masks (here: a CPU input) is refused instead of drawing new masks
+    # cannot take a seeded dropout (here: a CPU input) is refused instead of drawing new masks
     cfg, _, model = tiny_model
     model = apply_lora(model, cfg.lora.model_copy(update={"dropout": 0.1}))
     fast.fuse_lora(model)
     fast.enable_cuda_graphs(model, capture=True)
     ids = torch.randint(3, 200, (1, 8))
     model.train()
-    with pytest.raises(RuntimeError, match="bit-mask dropout that CUDA graphs need; set train.cuda_graphs to false"):
+    with pytest.raises(RuntimeError, match="seeded dropout that CUDA graphs need; set train.cuda_graphs to false"):
         model(input_ids=ids, labels=ids)
 
 

@@ -136,3 +136,15 @@ def test_a_recomputed_layer_draws_the_forwards_mask(tiny_model):
     other = grads(0, seed=12)  # another seed: other masks, other gradients
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(kept, other))
     fast.unfuse_lora(model)
+
+
+def test_backward_refuses_gradients_of_another_shape_and_takes_zero_rows():
+    x, a, seed = torch.randn(20, 64), torch.randn(4, 64), _seed(5)
+    with pytest.raises(ValueError, match="grad_x"):
+        ld.backward(torch.randn(20, 4), x, a, seed, 0.3, torch.zeros(10, 64))
+    with pytest.raises(ValueError, match="grad_x"):
+        ld.backward(torch.randn(20, 4), x, a, seed, 0.3, torch.zeros(64, 20).t())
+    with pytest.raises(ValueError, match="grad_hidden"):
+        ld.backward(torch.randn(20, 4, dtype=torch.float64), x, a, seed, 0.3)
+    grad_a, grad_x = ld.backward(torch.randn(0, 4), torch.randn(0, 64), a, seed, 0.1)
+    assert grad_a.shape == (4, 64) and not grad_a.any() and grad_x.shape == (0, 64)

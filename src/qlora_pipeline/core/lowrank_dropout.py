@@ -129,11 +129,22 @@ def backward(grad_hidden: torch.Tensor, x: torch.Tensor, a: torch.Tensor, seed: 
     """(grad_hidden.T @ drop(x): (r, in) float32, and the input gradient drop'(grad_hidden @ a) added
     into grad_x in place, or a new tensor where grad_x is None; None without need_grad_x), with the
     forward's mask: grad_hidden (tokens, r) in x's dtype.
+
+    Raises:
+        ValueError: `in` not a multiple of 8, or grad_hidden, a or grad_x not of x's shapes and dtype
+            (grad_x also contiguous).
     """
     _check(x, a)
-    _, backward_kernel, _ = _kernels()
     m, k = x.shape
     r = a.shape[0]
+    if grad_hidden.shape != (m, r) or grad_hidden.dtype != x.dtype:
+        raise ValueError(f"lowrank_dropout: grad_hidden {tuple(grad_hidden.shape)} {grad_hidden.dtype} must be {(m, r)} {x.dtype}")
+    if grad_x is not None and (grad_x.shape != x.shape or grad_x.dtype != x.dtype or not grad_x.is_contiguous()):
+        raise ValueError(f"lowrank_dropout: grad_x {tuple(grad_x.shape)} {grad_x.dtype} must be a contiguous {tuple(x.shape)} {x.dtype}")
+    if m == 0:
+        grad_x = (grad_x if grad_x is not None else torch.zeros_like(x)) if need_grad_x else None
+        return torch.zeros(r, k, device=x.device, dtype=torch.float32), grad_x
+    _, backward_kernel, _ = _kernels()
     bm, bk = block_m or BACKWARD_BLOCK_M, block_k or BACKWARD_BLOCK_K
     blocks = -(-m // bm)
     splits = max(1, min(split_m or BACKWARD_SPLIT_M, blocks))

@@ -35,7 +35,7 @@ def liger_available() -> bool:
     return True
 
 
-def resolve_switch(value: bool | str, name: str, *, on_gpu: bool, available: bool = True) -> bool:
+def resolve_switch(value: bool | str, name: str, *, on_gpu: bool, available: bool = True, needs: str = "") -> bool:
     """auto -> on with a CUDA GPU (and the feature available).
 
     Raises:
@@ -44,7 +44,7 @@ def resolve_switch(value: bool | str, name: str, *, on_gpu: bool, available: boo
     if value == "auto":
         return on_gpu and available
     if value and not available:
-        raise ConfigError(f"train.{name} is true but it is not available here; set it to auto or false")
+        raise ConfigError(f"train.{name} is true but it is not available here{f' (it needs {needs})' if needs else ''}; set it to auto or false")
     return bool(value)
 
 
@@ -82,10 +82,14 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
         dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=bitmask_dropout.available()),
         cuda_graphs=_cuda_graphs_switch(cfg.cuda_graphs, on_gpu),
-        fused_dropout=resolve_switch(cfg.fused_dropout, "fused_dropout", on_gpu=on_gpu, available=on_gpu and lowrank_dropout.available()),
+        fused_dropout=resolve_switch(
+            cfg.fused_dropout, "fused_dropout", on_gpu=on_gpu, available=on_gpu and lowrank_dropout.available(), needs="a CUDA GPU and triton"
+        ),
     )
     if cfg.cuda_graphs is True and options.compile:
         raise ConfigError("train.cuda_graphs is true and train.compile resolves to on (auto with a GPU); set compile to false")
+    if cfg.fused_dropout is True and options.compile:
+        raise ConfigError("train.fused_dropout is true and train.compile resolves to on (auto with a GPU); set compile to false")
     return options
 
 

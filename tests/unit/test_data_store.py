@@ -178,3 +178,34 @@ def test_slices_of_a_table_get_their_own_fingerprints():
     table = pa.table({"input_ids": [[1, 2], [3], [4, 5, 6], [7]]})
     prints = {store.as_dataset(t)._fingerprint for t in (table, table.slice(0, 2), table.slice(2, 2))}
     assert len(prints) == 3
+
+
+def test_prepared_data_is_refused_for_another_models_tokenizer(tmp_path, tok):
+    """Data tokenized for one model, then trained or scored with another: a clear error before any
+    model loads, not an IndexError inside the embedding."""
+    write_records(tmp_path / "d.jsonl", 20)
+    prepared = prepare_data(DataConfig(raw_path="d.jsonl", eval_fraction=0.2), tok, tmp_path)
+    out = tmp_path / "prepared"
+    write_prepared(prepared, out, tok)
+    assert json.loads((out / "tokenizer.json").read_text())["tokens"] == len(tok)
+    assert len(load_prepared(out, "train", tok)) == 16  # its own tokenizer passes
+
+    other = build_tiny_tokenizer()
+    other.add_tokens(["<extra-token>"])
+    with pytest.raises(DataError, match=r"tokenized by another tokenizer .* run `qlora prepare` again with this model"):
+        load_prepared(out, "eval", other)
+
+    # no record (data prepared before records were written): ids past the tokenizer's end still fail clearly
+    (out / "tokenizer.json").unlink()
+    small = build_tiny_tokenizer()
+    top = max(max(ids) for ids in prepared.train["input_ids"])
+    small_len = len(small)
+    assert top < small_len
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "train.parquet")
+    rows = table.column("input_ids").to_pylist()
+    rows[0] = rows[0][:-1] + [small_len + 5]
+    pq.write_table(table.set_column(table.column_names.index("input_ids"), "input_ids", [rows]), out / "train.parquet")
+    with pytest.raises(DataError, match=rf"holds token id {small_len + 5}, past the end of this model's tokenizer"):
+        load_prepared(out, "train", small)

@@ -59,7 +59,7 @@ def run(ctx: StageContext) -> dict:
     tracking.setup(paths, cfg.tracking.experiment)
     run_id = tracking.read_run_id(paths)
     resolved, tokenizer = base_tokenizer(ctx)
-    eval_ds = eval_split(ctx)
+    eval_ds = eval_split(ctx, tokenizer)
     collator = make_collator(tokenizer, False, cfg.data.max_seq_len)
     samples = sample_rows(eval_ds, cfg.evaluate.num_samples)
     model = load_tuned_model(ctx, resolved, tokenizer)

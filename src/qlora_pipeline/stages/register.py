@@ -226,7 +226,7 @@ def run(ctx: StageContext) -> dict:
     run_id = tracking.read_run_id(paths)
     eval_metrics = read_eval_metrics(ctx)
     resolved, tokenizer = base_tokenizer(ctx)
-    eval_ds = eval_split(ctx)
+    eval_ds = eval_split(ctx, tokenizer)
     score = scorer(ctx, tokenizer, eval_ds)
     client = MlflowClient()
 

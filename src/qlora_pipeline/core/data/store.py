@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -78,14 +79,51 @@ def _write_files(prepared: PreparedData, folder: Path) -> None:
     _write_histogram(folder / "lengths.csv", prepared.lengths)
 
 
-def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
-    """Write train/eval.parquet, stats.json, report.json and lengths.csv into out_dir, atomically."""
+TOKENIZER_RECORD = "tokenizer.json"
+
+
+def tokenizer_record(tokenizer: Any) -> dict[str, Any]:
+    """What identifies the tokenizer the data was tokenized with: its name, its size (pad token
+    included) and a digest of its vocabulary (token -> id)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {"name_or_path": str(tokenizer.name_or_path), "tokens": len(tokenizer), "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
+
+
+def write_prepared(prepared: PreparedData, out_dir: Path, tokenizer: Any = None) -> None:
+    """Write train/eval.parquet, stats.json, report.json, lengths.csv and (given the tokenizer)
+    tokenizer.json into out_dir, atomically."""
     with atomic_dir(out_dir) as tmp:
         _write_files(prepared, tmp)
+        if tokenizer is not None:
+            _write_json(tmp / TOKENIZER_RECORD, tokenizer_record(tokenizer))
 
 
-def load_prepared(out_dir: Path, split: str) -> datasets.Dataset:
-    """The prepared train or eval split as an in-memory Dataset."""
+def _check_tokenizer(out_dir: Path, table: pa.Table, tokenizer: Any) -> None:
+    """The split was tokenized by this tokenizer: its record matches, and no id is past its end.
+
+    Raises:
+        DataError: another tokenizer (another model) made the prepared data.
+    """
+    fix = "run `qlora prepare` again with this model (`dvc repro` does)"
+    record_path = Path(out_dir) / TOKENIZER_RECORD
+    if record_path.is_file():
+        record, now = json.loads(record_path.read_text()), tokenizer_record(tokenizer)
+        if (record.get("tokens"), record.get("vocab_sha256")) != (now["tokens"], now["vocab_sha256"]):
+            raise DataError(
+                f"{out_dir} was tokenized by another tokenizer ({record.get('name_or_path')}, {record.get('tokens')} tokens) "
+                f"than this model's ({now['name_or_path']}, {now['tokens']} tokens); {fix}"
+            )
+    import pyarrow.compute as pc
+
+    ids = pc.list_flatten(table.column("input_ids"))
+    top = pc.max(ids).as_py() if len(ids) else None
+    if top is not None and top >= len(tokenizer):
+        raise DataError(f"{out_dir} holds token id {top}, past the end of this model's tokenizer ({len(tokenizer)} tokens); {fix}")
+
+
+def load_prepared(out_dir: Path, split: str, tokenizer: Any = None) -> datasets.Dataset:
+    """The prepared train or eval split as an in-memory Dataset; given the tokenizer, checked to be
+    tokenized by it (DataError otherwise, before any model is loaded)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     path = Path(out_dir) / f"{split}.parquet"
@@ -95,6 +133,8 @@ def load_prepared(out_dir: Path, split: str) -> datasets.Dataset:
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise DataError(f"{path} lacks columns {', '.join(missing)}; it is stale or foreign, run `qlora prepare` again")
+    if tokenizer is not None:
+        _check_tokenizer(Path(out_dir), table, tokenizer)
     return as_dataset(table)
 
 

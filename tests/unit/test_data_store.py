@@ -186,14 +186,16 @@ def test_prepared_data_is_refused_for_another_models_tokenizer(tmp_path, tok):
     write_records(tmp_path / "d.jsonl", 20)
     prepared = prepare_data(DataConfig(raw_path="d.jsonl", eval_fraction=0.2), tok, tmp_path)
     out = tmp_path / "prepared"
-    write_prepared(prepared, out, tok)
-    assert json.loads((out / "tokenizer.json").read_text())["tokens"] == len(tok)
-    assert len(load_prepared(out, "train", tok)) == 16  # its own tokenizer passes
+    write_prepared(prepared, out, tok, "builtin:tiny-llama")
+    record = json.loads((out / "tokenizer.json").read_text())
+    assert record["tokens"] == len(tok) and record["model"] == "builtin:tiny-llama"
+    assert str(tmp_path) not in json.dumps(record)  # no machine's paths: the same data hashes the same in every checkout
+    assert len(load_prepared(out, "train", tok, "builtin:tiny-llama")) == 16  # its own tokenizer passes
 
     other = build_tiny_tokenizer()
     other.add_tokens(["<extra-token>"])
-    with pytest.raises(DataError, match=r"tokenized by another tokenizer .* run `qlora prepare` again with this model"):
-        load_prepared(out, "eval", other)
+    with pytest.raises(DataError, match=r"tokenized by another tokenizer \(builtin:tiny-llama, \d+ tokens\) than this model's \(other, \d+ tokens\); run `qlora prepare` again with this model"):
+        load_prepared(out, "eval", other, "other")
 
     # no record (data prepared before records were written): ids past the tokenizer's end still fail clearly
     (out / "tokenizer.json").unlink()

@@ -115,3 +115,16 @@ def test_a_champion_of_another_base_model_is_refused_before_any_merge():
     refuse_another_base(champion, "/models/SmolLM2-135M-Instruct.Q4_1.gguf", "qlora-demo")
     refuse_another_base(SimpleNamespace(version="1", tags={}), "builtin:tiny-llama", "qlora-demo")
     refuse_another_base(None, "builtin:tiny-llama", "qlora-demo")
+
+
+def test_register_without_an_evaluation_names_the_stage_to_run(tmp_path, tiny_cfg):
+    """metrics/eval.json missing (register run before evaluate): a RegistryError naming evaluate, not
+    a FileNotFoundError traceback."""
+    from qlora_pipeline.errors import RegistryError
+    from qlora_pipeline.paths import ProjectPaths
+    from qlora_pipeline.stages.common import StageContext
+    from qlora_pipeline.stages.register import read_eval_metrics
+
+    ctx = StageContext(tiny_cfg(), ProjectPaths.at(tmp_path))
+    with pytest.raises(RegistryError, match=r"eval.json not found: the tuned model has not been evaluated; run `qlora evaluate` first"):
+        read_eval_metrics(ctx)

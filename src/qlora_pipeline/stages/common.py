@@ -81,7 +81,7 @@ def release_checkpoints(paths: ProjectPaths) -> None:
 def eval_split(ctx: StageContext, tokenizer: Any = None):
     """The prepared eval split, capped at evaluate.max_eval_rows: what evaluate and register score;
     given the tokenizer, checked to be tokenized by it (core/data/store.load_prepared)."""
-    eval_ds = load_prepared(ctx.paths.prepared, "eval", tokenizer)
+    eval_ds = load_prepared(ctx.paths.prepared, "eval", tokenizer, ctx.cfg.model.name)
     if ctx.cfg.evaluate.max_eval_rows:
         eval_ds = eval_ds.select(range(min(ctx.cfg.evaluate.max_eval_rows, len(eval_ds))))
     return eval_ds

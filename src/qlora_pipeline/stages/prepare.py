@@ -18,7 +18,7 @@ def run(ctx: StageContext) -> dict:
     """Validate and tokenize data/raw; every check runs before anything is written."""
     _, tokenizer = base_tokenizer(ctx)
     prepared = prepare_data(ctx.cfg.data, tokenizer, ctx.paths.root)
-    write_prepared(prepared, ctx.paths.prepared, tokenizer)
+    write_prepared(prepared, ctx.paths.prepared, tokenizer, ctx.cfg.model.name)
     # DVC metrics hold numbers only (they are columns in `dvc exp show`); the full stats, with the
     # file list, format and template, are in data/prepared/stats.json.
     write_json_atomic(ctx.paths.data_metrics, numbers_only(prepared.stats))

@@ -192,9 +192,12 @@ def read_eval_metrics(ctx: StageContext) -> dict:
     """metrics/eval.json, checked to hold register.metric before anything is loaded.
 
     Raises:
-        RegistryError: register.metric is not among the evaluate stage's metrics.
+        RegistryError: metrics/eval.json is missing (evaluate has not run), or register.metric is not
+            among its metrics.
     """
     metric = ctx.cfg.register.metric
+    if not ctx.paths.eval_metrics.is_file():
+        raise RegistryError(f"{ctx.paths.eval_metrics} not found: the tuned model has not been evaluated; run `qlora evaluate` first (`dvc repro` runs it)")
     eval_metrics = json.loads(ctx.paths.eval_metrics.read_text())
     if metric not in eval_metrics:
         raise RegistryError(

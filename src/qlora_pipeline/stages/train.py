@@ -169,8 +169,8 @@ def run(ctx: StageContext) -> dict:
                 _record_rank_failure(checkpoint_dir, str(exc))
                 raise
         return json.loads(paths.train_metrics.read_text())
-    train_ds = load_prepared(paths.prepared, "train", tokenizer)
-    eval_ds = load_prepared(paths.prepared, "eval", tokenizer) if cfg.train.eval_steps else None
+    train_ds = load_prepared(paths.prepared, "train", tokenizer, cfg.model.name)
+    eval_ds = load_prepared(paths.prepared, "eval", tokenizer, cfg.model.name) if cfg.train.eval_steps else None
     model = load_base_model(cfg.model, cfg.quantization, resolved, vocab_size=len(tokenizer), sharded=sharded)
     set_seed(cfg.train.seed)  # LoRA init draws random numbers: same seed, same adapter start (every rank)
     model = apply_lora(model, cfg.lora)

@@ -82,23 +82,24 @@ def _write_files(prepared: PreparedData, folder: Path) -> None:
 TOKENIZER_RECORD = "tokenizer.json"
 
 
-def tokenizer_record(tokenizer: Any) -> dict[str, Any]:
-    """What identifies the tokenizer the data was tokenized with: its name, its size (pad token
-    included) and a digest of its vocabulary (token -> id)."""
+def tokenizer_record(tokenizer: Any, model: str = "") -> dict[str, Any]:
+    """What identifies the tokenizer the data was tokenized with: the model it came with (model.name,
+    as params.yaml names it: no machine's paths), its size (pad token included) and a digest of its
+    vocabulary (token -> id)."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return {"name_or_path": str(tokenizer.name_or_path), "tokens": len(tokenizer), "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
+    return {"model": model, "tokens": len(tokenizer), "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
 
 
-def write_prepared(prepared: PreparedData, out_dir: Path, tokenizer: Any = None) -> None:
+def write_prepared(prepared: PreparedData, out_dir: Path, tokenizer: Any = None, model: str = "") -> None:
     """Write train/eval.parquet, stats.json, report.json, lengths.csv and (given the tokenizer)
     tokenizer.json into out_dir, atomically."""
     with atomic_dir(out_dir) as tmp:
         _write_files(prepared, tmp)
         if tokenizer is not None:
-            _write_json(tmp / TOKENIZER_RECORD, tokenizer_record(tokenizer))
+            _write_json(tmp / TOKENIZER_RECORD, tokenizer_record(tokenizer, model))
 
 
-def _check_tokenizer(out_dir: Path, table: pa.Table, tokenizer: Any) -> None:
+def _check_tokenizer(out_dir: Path, table: pa.Table, tokenizer: Any, model: str) -> None:
     """The split was tokenized by this tokenizer: its record matches, and no id is past its end.
 
     Raises:
@@ -107,11 +108,11 @@ def _check_tokenizer(out_dir: Path, table: pa.Table, tokenizer: Any) -> None:
     fix = "run `qlora prepare` again with this model (`dvc repro` does)"
     record_path = Path(out_dir) / TOKENIZER_RECORD
     if record_path.is_file():
-        record, now = json.loads(record_path.read_text()), tokenizer_record(tokenizer)
+        record, now = json.loads(record_path.read_text()), tokenizer_record(tokenizer, model)
         if (record.get("tokens"), record.get("vocab_sha256")) != (now["tokens"], now["vocab_sha256"]):
             raise DataError(
-                f"{out_dir} was tokenized by another tokenizer ({record.get('name_or_path')}, {record.get('tokens')} tokens) "
-                f"than this model's ({now['name_or_path']}, {now['tokens']} tokens); {fix}"
+                f"{out_dir} was tokenized by another tokenizer ({record.get('model') or 'unnamed'}, {record.get('tokens')} tokens) "
+                f"than this model's ({model or 'unnamed'}, {now['tokens']} tokens); {fix}"
             )
     import pyarrow.compute as pc
 
@@ -121,7 +122,7 @@ def _check_tokenizer(out_dir: Path, table: pa.Table, tokenizer: Any) -> None:
         raise DataError(f"{out_dir} holds token id {top}, past the end of this model's tokenizer ({len(tokenizer)} tokens); {fix}")
 
 
-def load_prepared(out_dir: Path, split: str, tokenizer: Any = None) -> datasets.Dataset:
+def load_prepared(out_dir: Path, split: str, tokenizer: Any = None, model: str = "") -> datasets.Dataset:
     """The prepared train or eval split as an in-memory Dataset; given the tokenizer, checked to be
     tokenized by it (DataError otherwise, before any model is loaded)."""
     if split not in SPLITS:
@@ -134,7 +135,7 @@ def load_prepared(out_dir: Path, split: str, tokenizer: Any = None) -> datasets.
     if missing:
         raise DataError(f"{path} lacks columns {', '.join(missing)}; it is stale or foreign, run `qlora prepare` again")
     if tokenizer is not None:
-        _check_tokenizer(Path(out_dir), table, tokenizer)
+        _check_tokenizer(Path(out_dir), table, tokenizer, model)
     return as_dataset(table)
 
 

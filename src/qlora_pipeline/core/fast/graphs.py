@@ -20,9 +20,10 @@ How it works:
   forward. torch's checkpoint restores the CUDA generator for that, which cannot run inside a
   capture. Here the runner draws one seed per LoRA layer per forward, outside the layers, and
   checkpoints each layer set to recompute itself with its seeds among the checkpoint's inputs; the
-  layer's bit-mask dropout (core/bitmask_dropout.py) reads its seed (`_lora_seed`), set again by
-  the recompute. Hence LoRA dropout > 0 needs the bit masks (CUDA, triton), and no other dropout
-  may be on in the layers (graph_blocker).
+  layer's seeded dropout (core/lowrank_dropout.py, fused into the adapter's matmuls, or the bit
+  masks of core/bitmask_dropout.py) reads its seed (`_lora_seed`), set again by the recompute.
+  Hence LoRA dropout > 0 needs one of them (CUDA, triton), and no other dropout may be on in the
+  layers (graph_blocker).
 - Memory: the pool holds the stack's activations for the whole run, so memory that eager training
   frees after the backward (for the head's loss, the optimizer) is not shared with them:
   memory.GRAPH_HIDDEN_STATES in the memory plan.

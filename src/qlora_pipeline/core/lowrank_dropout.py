@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from qlora_pipeline.core.bitmask_dropout import SEED_HIGH  # one seed range for both seeded dropouts (graphs.py draws them)
+
 # Launch settings, the fastest of a sweep on an H200 over the 8B shape's inputs at 7 Philox rounds
 # (benchmarks/gpu_lowrank_dropout_tune.py --wide --rounds 7, results/gpu_lowrank_dropout_tune_wide_r7_h200.json:
 # an 8B layer's seven adapters in 0.294 ms forward and 0.645 ms backward, against 0.749 and 0.923
@@ -43,7 +45,6 @@ BACKWARD_SPLIT_M = 16  # row splits of grad_a, summed afterwards (deterministic,
 # a dropout mask does not need. The forward is bound by these draws: 7 rounds took it from 0.343 to
 # 0.293 ms per 8B layer (results/gpu_lowrank_dropout_rounds_h200.json).
 PHILOX_ROUNDS = 7
-SEED_HIGH = 2**31 - 1
 MAX_ELEMENTS = 2**31 - 1  # Philox counters are 32-bit
 
 

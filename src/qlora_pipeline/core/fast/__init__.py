@@ -265,6 +265,7 @@ def apply_fast_path(
     # CUDA graphs need a seeded dropout: the fused one, else (an input it does not take) the bit masks
     fused_dropout = options.fused_lora and options.fused_dropout and not options.compile and lora_dropout > 0
     bit_masks = options.fused_lora and (options.dropout_mask_bits or graphs) and lora_dropout > 0 and not options.compile
+    bit_masks_trained = bit_masks and not fused_dropout  # the fallback of layers the fused kernels do not take
     # the CPU's 16-bit-draw dropout breaks a compiled layer's graph (Tensor.random_): compiled layers take torch's
     bits16 = options.fused_lora and not _cuda(device) and not options.compile
     fused = (
@@ -288,7 +289,7 @@ def apply_fast_path(
         liger=liger,
         lora_dropout=0.0 if fused_dropout else lora_dropout,  # it keeps what a layer keeps without dropout
         compiled=options.compile,
-        bit_masks=bit_masks and not fused_dropout,
+        bit_masks=bit_masks_trained,
         element_bytes=float(base.get_input_embeddings().weight.element_size()),
         float32_masks=not _cuda(device),
         graphs=graphs,
@@ -310,7 +311,7 @@ def apply_fast_path(
         }
     )
     report = FastPathReport(
-        options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks and not fused_dropout, bits16 and fused > 0, graphed, fused_dropout
+        options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks_trained, bits16 and fused > 0, graphed, fused_dropout
     )
     log.info("fast path: %s", report.describe())
     return model, cfg, report

@@ -69,6 +69,11 @@ class TrainConfig(Section):
     Takes precedence over dropout_mask_bits. A layer the kernels cannot take (in_features not a multiple
     of 8, rank above 128) keeps its masks as dropout_mask_bits says (bits under cuda_graphs). auto: on
     with a CUDA GPU and triton."""
+    selective_recompute: bool | Literal["auto"] = "auto"
+    """With fused_lora and without compile: a recomputed decoder layer may keep its MLP's gate_proj and
+    up_proj outputs (2 x intermediate_size values per token), so its recompute skips those matmuls,
+    most of a recompute's work (core/fast/selective.py). The memory plan decides how many recomputed
+    layers do, within memory_budget_gib. auto: on with fused_lora and without compile."""
     dropout_mask_bits: bool | Literal["auto"] = False
     """With fused_lora on a CUDA GPU: LoRA dropout keeps its mask as bits (a Triton kernel), not bytes:
     ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA.
@@ -161,6 +166,11 @@ class TrainConfig(Section):
             raise ValueError(
                 "fused_dropout: true needs fused LoRA layers without compile (the dropout lives in their autograd "
                 "node); set fused_lora to auto or true and compile to false, or fused_dropout to auto or false"
+            )
+        if self.selective_recompute is True and (self.compile is True or self.fused_lora is False):
+            raise ValueError(
+                "selective_recompute: true needs fused LoRA layers without compile (the kept outputs live in their "
+                "autograd node); set fused_lora to auto or true and compile to false, or selective_recompute to auto or false"
             )
         if self.dropout_mask_bits is True and self.compile is True:
             raise ValueError(

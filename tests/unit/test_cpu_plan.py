@@ -74,7 +74,8 @@ def test_auto_recomputes_as_few_layers_as_the_ram_needs(tiny_model, monkeypatch)
     assert none > one
     # half the available RAM is the budget: between the estimates with none and one layer recomputed
     with_available_ram(monkeypatch, none + one)
-    model, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4), max_seq_len=SEQ_LEN)
+    cfg = TrainConfig(per_device_batch_size=4, selective_recompute=False)  # the whole-layer choice alone
+    model, _, report = fast.apply_fast_path(model, cfg, max_seq_len=SEQ_LEN)
     assert report.plan.checkpoint_layers == 1 and report.plan.fits
     assert report.plan.estimated_peak_gib == pytest.approx(one)
     assert recomputed(model) == [True, False]  # the first layers: their recompute runs last

@@ -10,6 +10,8 @@ peak, the pieces together give 12,289-12,302 tokens/s at 13.8 GiB (1.51x plain t
 
 - per-layer gradient checkpointing: recompute only as many decoder layers as the memory budget
   needs, the first ones (their recompute runs last, when the later layers' activations are freed);
+- selective recompute (`train.selective_recompute`, selective.py): a recomputed layer may keep its
+  MLP's gate/up outputs, so its recompute skips those matmuls; the plan decides how many do;
 - micro-batch: per_device_batch_size traded against gradient_accumulation_steps, same product,
   chosen with the memory budget by a small cost model (GPU time vs host time per micro-batch);
 - liger-kernel (the `gpu` extra): fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy, which never
@@ -51,7 +53,8 @@ GPU box.
 
 options: the knobs resolved for this machine; memory: the memory plan and its cost model; nodes:
 the LoRA autograd nodes and their dropout masks; layers: compile, liger and fused LoRA on the model;
-attention: the attention of padding-free batches; graphs: CUDA graphs of the decoder stack. This module: apply_fast_path and its report.
+attention: the attention of padding-free batches; graphs: CUDA graphs of the decoder stack;
+selective: the kept outputs of selectively recomputed layers. This module: apply_fast_path and its report.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ from qlora_pipeline.core.fast.layers import (
     apply_liger,
     compile_layers,
     fuse_lora,
+    selective_recompute_possible,
     unfuse_lora,
 )
 from qlora_pipeline.core.fast.memory import (
@@ -95,9 +99,11 @@ from qlora_pipeline.core.fast.memory import (
     ModelDims,
     decoder_layers,
     estimate_peak_bytes,
+    kept_output_bytes,
     layer_activation_bytes,
     model_flops_per_token,
     plan_memory,
+    selective_recompute_fraction,
     set_checkpointed_layers,
     static_training_bytes,
     step_seconds,
@@ -138,13 +144,15 @@ __all__ = [
     # memory
     "GPU_HALF_RATE_TOKENS", "GPU_PEAK_MODEL_FLOPS_PER_S", "HOST_S_PER_LAYER_PASS", "HOST_S_PER_LAYER_PASS_COMPILED", "MEMORY_MARGIN",
     "RECOMPUTE_COST", "MemoryPlan", "ModelDims", "decoder_layers", "estimate_peak_bytes",
-    "layer_activation_bytes", "model_flops_per_token", "plan_memory", "set_checkpointed_layers",
+    "kept_output_bytes", "layer_activation_bytes", "model_flops_per_token", "plan_memory",
+    "selective_recompute_fraction", "set_checkpointed_layers",
     "static_training_bytes", "step_seconds", "unwrap",
     # nodes
     "FrozenLinearAddFunction", "LoraLinearFunction", "LoraMember", "bits16_drop_count", "bits16_dropout",
     "_frozen_matmul", "_frozen_weight",
     # layers
-    "COMPILE_BACKEND", "SIBLING_GROUPS", "apply_liger", "compile_layers", "fuse_lora", "unfuse_lora",
+    "COMPILE_BACKEND", "SIBLING_GROUPS", "apply_liger", "compile_layers", "fuse_lora", "selective_recompute_possible",
+    "unfuse_lora",
     "_lora_inputs",
     # graphs
     "StackRunner", "disable_cuda_graphs", "enable_cuda_graphs", "graph_blocker", "stack_runner",
@@ -177,6 +185,7 @@ class FastPathReport:
             "micro_batch_size": self.plan.micro_batch_size,
             "gradient_accumulation_steps": self.plan.gradient_accumulation_steps,
             "recomputed_layers": self.plan.checkpoint_layers,
+            "selective_recompute_layers": self.plan.kept_output_layers,  # of those, keeping gate/up outputs
             "num_layers": self.plan.num_layers,
             "estimated_peak_gib": round(self.plan.estimated_peak_gib, 3),
             "liger": int(bool(self.liger)),
@@ -269,10 +278,14 @@ def apply_fast_path(
     # the CPU's 16-bit-draw dropout breaks a compiled layer's graph (Tensor.random_): compiled layers take torch's
     bits16 = options.fused_lora and not _cuda(device) and not options.compile
     fused = (
-        fuse_lora(model, group_siblings=not options.compile, bit_masks=bit_masks, bits16_mask=bits16, fused_dropout=fused_dropout)
+        fuse_lora(
+            model, group_siblings=not options.compile, bit_masks=bit_masks, bits16_mask=bits16, fused_dropout=fused_dropout,
+            keep_outputs=options.selective_recompute,
+        )
         if options.fused_lora
         else 0
     )
+    selective = options.selective_recompute and fused > 0 and selective_recompute_possible(model)
     varlen = enable_fast_attention(model) if options.padding_free else False
     if max_seq_len is None:
         max_seq_len = longest_example(train_dataset) if train_dataset is not None else 0
@@ -294,8 +307,9 @@ def apply_fast_path(
         float32_masks=not _cuda(device),
         graphs=graphs,
         fused_loss=liger and not sharded,
+        selective=selective,
     )
-    set_checkpointed_layers(model, plan.checkpoint_layers)
+    set_checkpointed_layers(model, plan.checkpoint_layers, plan.kept_output_layers)
     compiled = compile_layers(model) if options.compile else 0
     graphed = graphs and enable_cuda_graphs(model) is not None
     if not plan.fits:

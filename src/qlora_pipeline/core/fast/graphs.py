@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora_pipeline.core.bitmask_dropout import SEED_HIGH
 from qlora_pipeline.core.fast.graph_blockers import _stack_container, graph_blocker, refuse_before_loading  # noqa: F401 - re-exported
+from qlora_pipeline.core.fast.selective import keep_outputs_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class StackRunner:
         self.replays = 0
         self.eager_calls = 0
         self.disabled_reason: str | None = None
+        self.lean = False
 
     def counts(self) -> dict[str, int]:
         """Forwards replayed from the graphs, and forwards run eagerly (the first calls of a shape,
@@ -206,7 +208,8 @@ class StackRunner:
         """The layers in turn, each LoRA layer's dropout seeded from one fresh draw (or `seeds`).
 
         A layer set to recompute is checkpointed here, with its seeds among the checkpoint's inputs:
-        its recompute sets the same seeds again, whatever forward ran in between.
+        its recompute sets the same seeds again, whatever forward ran in between; selectively where
+        memory.set_checkpointed_layers said so (core/fast/selective.py).
         """
         if seeds is None:
             seeds = torch.randint(0, SEED_HIGH, (max(1, len(self.lora_modules)),), device=hidden.device, dtype=torch.int32)
@@ -217,7 +220,11 @@ class StackRunner:
             if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
                 # torch's RNG state cannot be saved inside a capture; eagerly it is, for dropout other than the seeded one
                 preserve = not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
-                hidden = checkpoint(self._run_layer, index, hidden, layer_seeds, kwargs, use_reentrant=False, preserve_rng_state=preserve)
+                args = (self._run_layer, index, hidden, layer_seeds, kwargs)
+                if getattr(layer, "_keep_mlp_outputs", False) and not self.lean:  # selective recompute
+                    hidden = keep_outputs_checkpoint(checkpoint, *args, use_reentrant=False, preserve_rng_state=preserve)
+                else:
+                    hidden = checkpoint(*args, use_reentrant=False, preserve_rng_state=preserve)
             else:
                 hidden = self._run_layer(index, hidden, layer_seeds, kwargs)
         return hidden
@@ -295,9 +302,11 @@ class StackRunner:
         flags = [layer.gradient_checkpointing for layer in self.layers]
         for layer in self.layers:
             layer.gradient_checkpointing = True
+        self.lean = True  # and no selective recompute: only the inputs are kept
         try:
             return self.run_layers(hidden, kwargs)
         finally:
+            self.lean = False
             for layer, flag in zip(self.layers, flags):
                 layer.gradient_checkpointing = flag
 

@@ -14,6 +14,7 @@ from torch import nn
 from qlora_pipeline.core import bitmask_dropout, lowrank_dropout
 from qlora_pipeline.core.fast.memory import decoder_layers, unwrap
 from qlora_pipeline.core.fast.nodes import FrozenLinearAddFunction, LoraLinearFunction, LoraMember
+from qlora_pipeline.core.fast.selective import KEPT_OUTPUT_MODULES
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ def _lora_inputs(self: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, *,
             else "the model's forward did not run its decoder layers through the CUDA-graph runner"
         )
         raise RuntimeError(f"{why}; set train.cuda_graphs to false")
-    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, runs_base_matmul, bit_mask, bits16, seed, fused)
+    keep = getattr(self, "_lora_keep_output", False)
+    member = LoraMember(weight, base_layer.bias, quant_state, float(self.scaling[name]), p, runs_base_matmul, bit_mask, bits16, seed, fused, keep)
     return member, weight_a, weight_b
 
 
@@ -242,6 +244,7 @@ def fuse_lora(
     bit_masks: bool = False,
     bits16_mask: bool = False,
     fused_dropout: bool = False,
+    keep_outputs: bool = False,
 ) -> int:
     """Give every peft LoRA linear layer the one-node forward (LoraLinearFunction): the last one of
     each decoder layer the adapter-first forward (tail_first), siblings on one input one node
@@ -273,7 +276,29 @@ def fuse_lora(
             module._lora_bits16_dropout = True
         if fused_dropout:
             module._lora_fused_dropout = True
+    if keep_outputs:
+        for module in keepable_modules(model):
+            if id(module) not in tails:
+                module._lora_keep_output = True
     return len(modules)
+
+
+def keepable_modules(model: nn.Module) -> list[nn.Module]:
+    """The LoRA linear layers whose outputs a selectively recomputed decoder layer can keep
+    (selective.KEPT_OUTPUT_MODULES: the MLP's gate_proj and up_proj)."""
+    lora = {id(m) for m in _lora_linears(model)}
+    return [
+        m for layer in decoder_layers(model) for name, m in layer.named_modules()
+        if id(m) in lora and name.rsplit(".", 1)[-1] in KEPT_OUTPUT_MODULES
+    ]
+
+
+def selective_recompute_possible(model: nn.Module) -> bool:
+    """Every decoder layer has all of the kept-output LoRA layers (gate_proj and up_proj), marked
+    by fuse_lora(keep_outputs=True): then a recomputed layer can keep their outputs."""
+    layers = decoder_layers(model)
+    per_layer = [sum(1 for name, m in layer.named_modules() if getattr(m, "_lora_keep_output", False)) for layer in layers]
+    return bool(layers) and all(n == len(KEPT_OUTPUT_MODULES) for n in per_layer)
 
 
 def unfuse_lora(model: nn.Module) -> None:
@@ -285,6 +310,7 @@ def unfuse_lora(model: nn.Module) -> None:
         vars(module).pop("_lora_bitmask_dropout", None)
         vars(module).pop("_lora_bits16_dropout", None)
         vars(module).pop("_lora_fused_dropout", None)
+        vars(module).pop("_lora_keep_output", None)
         vars(module).pop("_lora_seed", None)
         vars(module).pop("_lora_seed_required", None)
 

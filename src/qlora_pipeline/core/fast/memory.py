@@ -117,10 +117,39 @@ def model_flops_per_token(dims: ModelDims, seq_len: int) -> float:
     return 4.0 * matmul_params + 6.0 * seq_len * q * dims.num_layers
 
 
-def step_seconds(dims: ModelDims, tokens: int, seq_len: int, checkpoint_layers: int, *, compiled: bool = False, graphs: bool = False) -> float:
+def kept_output_bytes(dims: ModelDims, element_bytes: float = 2.0) -> float:
+    """Bytes per token that a selectively recomputed layer keeps beside its input: the outputs of
+    gate_proj and up_proj (core/fast/selective.py), 2 x ffn values. 8B, bf16: 56 KiB."""
+    return 2.0 * dims.ffn * element_bytes
+
+
+def selective_recompute_fraction(dims: ModelDims, seq_len: int) -> float:
+    """A selectively recomputed layer's recompute as a fraction of a whole recompute, in FLOPs per
+    token of the forward that runs again: 2 x matmul parameters (down_proj's skipped in both,
+    layers._lora_tail_forward; gate and up skipped too when kept) plus causal attention's 2 x seq_len x
+    q_dim. 8B at 2048 tokens: 0.30."""
+    d, f, q, kv = dims.hidden, dims.ffn, dims.q_dim, dims.kv_dim
+    attention = 2.0 * seq_len * q
+    projections = 2.0 * (2 * d * q + 2 * d * kv)
+    return (projections + attention) / (projections + 2.0 * 2 * d * f + attention)
+
+
+def step_seconds(
+    dims: ModelDims,
+    tokens: int,
+    seq_len: int,
+    checkpoint_layers: int,
+    *,
+    compiled: bool = False,
+    graphs: bool = False,
+    kept_output_layers: int = 0,
+) -> float:
     """Estimated time of one micro-batch: the longer of GPU and host time, plus part of the shorter
-    (they overlap less the closer they are)."""
-    share = checkpoint_layers / dims.num_layers
+    (they overlap less the closer they are). kept_output_layers: how many of the recomputed layers
+    recompute selectively (selective_recompute_fraction of a whole recompute each)."""
+    selective = min(kept_output_layers, checkpoint_layers)
+    recomputed = checkpoint_layers - selective * (1.0 - selective_recompute_fraction(dims, seq_len))
+    share = recomputed / dims.num_layers
     rate = GPU_PEAK_MODEL_FLOPS_PER_S * tokens / (tokens + GPU_HALF_RATE_TOKENS)
     gpu = tokens * model_flops_per_token(dims, seq_len) * (1 + RECOMPUTE_COST * share) / rate
     per_pass = HOST_S_PER_LAYER_PASS_GRAPHED if graphs else HOST_S_PER_LAYER_PASS_COMPILED if compiled else HOST_S_PER_LAYER_PASS
@@ -144,6 +173,7 @@ def estimate_peak_bytes(
     float32_masks: bool = False,
     graphs: bool = False,
     fused_loss: bool | None = None,
+    kept_output_layers: int = 0,
 ) -> float:
     """Peak memory of one training step with `tokens` tokens per micro-batch: GPU memory, or on a CPU
     what the step adds to the process's RSS (static_bytes then counts only what training adds).
@@ -153,7 +183,8 @@ def estimate_peak_bytes(
     plus the one layer being recomputed; the kept layers, the last ones, are freed by then).
     element_bytes, float32_masks: as for layer_activation_bytes. graphs: the decoder stack replayed
     from CUDA graphs (GRAPH_HIDDEN_STATES). fused_loss: liger's linear+cross-entropy, which never
-    materialises the logits (None: as liger).
+    materialises the logits (None: as liger). kept_output_layers: recomputed layers that also keep
+    kept_output_bytes (selective recompute).
     """
     per_layer = layer_activation_bytes(
         dims, liger=liger, lora_dropout=lora_dropout, bit_masks=bit_masks, element_bytes=element_bytes,
@@ -162,6 +193,7 @@ def estimate_peak_bytes(
     checkpoint_layers = min(checkpoint_layers, dims.num_layers)
     kept = dims.num_layers - checkpoint_layers
     inputs = checkpoint_layers * element_bytes * dims.hidden
+    inputs += min(kept_output_layers, checkpoint_layers) * kept_output_bytes(dims, element_bytes)
     activations = tokens * (inputs + max(kept, 1 if checkpoint_layers else 0) * per_layer)
     if liger if fused_loss is None else fused_loss:
         loss = 0.0  # logits are never materialised; chunks fit in the misc term below
@@ -181,12 +213,14 @@ class MemoryPlan:
     estimated_peak_gib: float
     budget_gib: float | None
     fits: bool
+    kept_output_layers: int = 0  # of the recomputed layers, those recomputing selectively
 
     def describe(self) -> str:
         budget = f" of a {self.budget_gib:.1f} GiB budget" if self.budget_gib else ""
+        selective = f" ({self.kept_output_layers} selectively: gate/up outputs kept)" if self.kept_output_layers else ""
         return (
             f"micro-batch {self.micro_batch_size} x {self.gradient_accumulation_steps} accumulation, "
-            f"{self.checkpoint_layers}/{self.num_layers} layers recompute, "
+            f"{self.checkpoint_layers}/{self.num_layers} layers recompute{selective}, "
             f"~{self.estimated_peak_gib:.1f} GiB{budget}"
         )
 
@@ -221,46 +255,61 @@ def plan_memory(
     float32_masks: bool = False,
     graphs: bool = False,
     fused_loss: bool | None = None,
+    selective: bool = False,
 ) -> MemoryPlan:
-    """The fastest (micro-batch, recomputed layers) whose estimated peak fits the budget.
+    """The fastest (micro-batch, recomputed layers, selectively recomputed layers among them) whose
+    estimated peak fits the budget.
 
     Keeps the effective batch (batch_size x accumulation) fixed; speed from step_seconds (a GPU cost
     model: on a CPU the micro-batch is not tuned, and fewer recomputed layers are always faster).
-    budget_gib None: no limit.
+    budget_gib None: no limit. selective: recomputed layers may keep their gate/up outputs
+    (core/fast/selective.py); each one that fits is taken, the fastest use of memory left over.
     """
     effective = batch_size * accumulation
     sizes = _divisors(effective) if tune_micro_batch else [batch_size]
     layer_choices = _checkpoint_choices(checkpointing, dims.num_layers)
     budget = math.inf if budget_gib is None else budget_gib * GIB
 
-    def peak(b: int, k: int) -> float:
+    def peak(b: int, k: int, s: int = 0) -> float:
         return estimate_peak_bytes(
             dims, b * seq_len, k, static_bytes, liger=liger, lora_dropout=lora_dropout, bit_masks=bit_masks,
             element_bytes=element_bytes, float32_masks=float32_masks, graphs=graphs, fused_loss=fused_loss,
+            kept_output_layers=s,
         )
 
-    best: tuple[float, int, int] | None = None
+    def most_selective(b: int, k: int) -> int:
+        """The most recomputed layers that can keep their outputs within the budget (peak grows linearly in it)."""
+        if not selective or not k or budget == math.inf:
+            return k if selective and k else 0
+        room = budget - peak(b, k)
+        each = MEMORY_MARGIN * b * seq_len * kept_output_bytes(dims, element_bytes)
+        return max(0, min(k, int(room // each)))
+
+    best: tuple[float, int, int, int] | None = None
     for b in sizes:
-        k = next((k for k in layer_choices if peak(b, k) <= budget), None)
-        if k is None:
-            continue
-        cost = step_seconds(dims, b * seq_len, seq_len, k, compiled=compiled, graphs=graphs) / b
-        if best is None or cost < best[0] - 1e-9:
-            best = (cost, b, k)
+        fitting = [k for k in layer_choices if peak(b, k) <= budget]
+        # without selective recompute the fewest recomputed layers are the fastest; with it, more
+        # recomputed layers can leave room for more selective ones
+        for k in fitting if selective else fitting[:1]:
+            s = most_selective(b, k)
+            cost = step_seconds(dims, b * seq_len, seq_len, k, compiled=compiled, graphs=graphs, kept_output_layers=s) / b
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, b, k, s)
     if best is None:  # nothing fits: the leanest choice, and say so
-        b, k = min(sizes), max(layer_choices)
+        b, k, s = min(sizes), max(layer_choices), 0
         fits = False
     else:
-        _, b, k = best
+        _, b, k, s = best
         fits = True
     return MemoryPlan(
         micro_batch_size=b,
         gradient_accumulation_steps=effective // b,
         checkpoint_layers=k,
         num_layers=dims.num_layers,
-        estimated_peak_gib=peak(b, k) / GIB,
+        estimated_peak_gib=peak(b, k, s) / GIB,
         budget_gib=budget_gib,
         fits=fits,
+        kept_output_layers=s,
     )
 
 
@@ -300,12 +349,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def set_checkpointed_layers(model: nn.Module, count: int) -> int:
-    """Recompute the first `count` decoder layers in the backward and keep the others' activations.
+def set_checkpointed_layers(model: nn.Module, count: int, kept_outputs: int = 0) -> int:
+    """Recompute the first `count` decoder layers in the backward and keep the others' activations;
+    the last `kept_outputs` of the recomputed ones recompute selectively (their gate/up outputs
+    kept, core/fast/selective.py; needs fuse_lora(keep_outputs=True)).
 
     The first ones, because their recompute runs at the end of the backward, when the later layers'
-    activations have been freed: the peak is one layer lower than with the last ones.
+    activations have been freed: the peak is one layer lower than with the last ones. The selective
+    ones next to the kept layers, so their outputs are freed early in the backward.
     """
+    from qlora_pipeline.core.fast.selective import KeepOutputsCheckpoint
+
     layers = decoder_layers(model)
     count = max(0, min(count, len(layers)))
     if count and not all(getattr(layer, "_gradient_checkpointing_func", None) for layer in layers):
@@ -314,6 +368,14 @@ def set_checkpointed_layers(model: nn.Module, count: int) -> int:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kept_outputs = max(0, min(kept_outputs, count))
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < count
+        selective = count - kept_outputs <= index < count
+        layer._keep_mlp_outputs = selective  # read by graphs.StackRunner, which checkpoints itself
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if isinstance(func, KeepOutputsCheckpoint) and not selective:
+            layer._gradient_checkpointing_func = func.inner
+        elif func is not None and selective and not isinstance(func, KeepOutputsCheckpoint):
+            layer._gradient_checkpointing_func = KeepOutputsCheckpoint(func)
     return count

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from qlora_pipeline.core import bitmask_dropout, lowrank_dropout
+from qlora_pipeline.core.fast import selective
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,6 +30,7 @@ class LoraMember:
     bits16: bool = False  # CPU: the mask from 16 random bits per element (bits16_dropout)
     seed: torch.Tensor | None = None  # the seeded dropout's seed (core/fast/graphs.py); None: drawn here
     fused_dropout: bool = False  # dropout inside the adapter's matmuls, its mask drawn again (lowrank_dropout)
+    keep_output: bool = False  # a selectively recomputed layer keeps this output (core/fast/selective.py)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -39,7 +41,9 @@ class LoraLinearFunction(torch.autograd.Function):
     epilogues. Saves what peft saves: each member's dropped-out input and mask, its rank-r hidden
     state and casted adapter weights; with fused_dropout, the input the members share and a seed
     instead of the dropped-out inputs and masks. Each member draws its own dropout mask, in member order, as
-    peft's layers do when called one after another.
+    peft's layers do when called one after another. Members marked keep_output, inside a selectively
+    recomputed layer (core/fast/selective.py), store their outputs in its forward and take them back
+    in its recompute instead of running the frozen matmul and the adapter's update again.
 
         outputs = LoraLinearFunction.apply(x, members, a_0, b_0, a_1, b_1, ...)  # a tuple if several
     """
@@ -50,8 +54,13 @@ class LoraLinearFunction(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
+        kept = [i for i, m in enumerate(members) if m.keep_output and m.runs_base_matmul]
+        store = selective.current_store() if kept else None
+        reused = None
+        if store is not None and not store.storing:
+            reused = store.take([(*shape[:-1], weights[2 * i + 1].shape[0]) for i in kept])
         outputs, saved = [], []
-        for member, weight_a, weight_b in zip(members, weights[0::2], weights[1::2]):
+        for index, (member, weight_a, weight_b) in enumerate(zip(members, weights[0::2], weights[1::2])):
             a, b = weight_a.to(dtype), weight_b.to(dtype)
             if member.p > 0 and member.fused_dropout:  # drop(x) @ a.T in one kernel; the mask is drawn again in the backward
                 x2 = x2.contiguous()
@@ -68,7 +77,9 @@ class LoraLinearFunction(torch.autograd.Function):
                 dropped, mask = x2, None
             if not (member.p > 0 and member.fused_dropout):
                 hidden = torch.mm(dropped, a.t())
-            if member.runs_base_matmul:
+            if member.runs_base_matmul and reused is not None and index in kept:
+                out = reused[kept.index(index)]  # the forward's output: frozen matmul and update skipped
+            elif member.runs_base_matmul:
                 out = _frozen_matmul(x2, member.weight, member.bias, member.quant_state, dtype)
                 out.addmm_(hidden, b.t(), alpha=member.scale)
                 out = out.view(*shape[:-1], out.shape[-1])  # the compute dtype, as autocast's matmuls return
@@ -77,6 +88,8 @@ class LoraLinearFunction(torch.autograd.Function):
                 torch.mm(hidden, b.t(), out=out.view(-1, b.shape[0])).mul_(member.scale)
             outputs.append(out)
             saved += [dropped, mask, hidden, a, b]
+        if store is not None and store.storing:
+            store.put(tuple(outputs[i] for i in kept))
         ctx.save_for_backward(*saved)
         ctx.members, ctx.dtype, ctx.shape = members, dtype, shape
         ctx.param_dtypes = [w.dtype for w in weights]

@@ -3,6 +3,7 @@ defaults: a share of the GPU's memory, or of the RAM available on a CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,6 +63,7 @@ class FastOptions:
     dropout_mask_bits: bool = False
     cuda_graphs: bool = False
     fused_dropout: bool = False
+    selective_recompute: bool = False
 
 
 def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) -> FastOptions:
@@ -86,6 +88,14 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
             cfg.fused_dropout, "fused_dropout", on_gpu=on_gpu, available=on_gpu and lowrank_dropout.available(), needs="a CUDA GPU and triton"
         ),
     )
+    fused_lora = options.fused_lora
+    selective = cfg.selective_recompute
+    options = dataclasses.replace(
+        options,
+        selective_recompute=(fused_lora and not options.compile) if selective == "auto" else bool(selective),
+    )
+    if cfg.selective_recompute is True and options.compile:
+        raise ConfigError("train.selective_recompute is true and train.compile resolves to on (auto with a GPU); set compile to false")
     if cfg.cuda_graphs is True and options.compile:
         raise ConfigError("train.cuda_graphs is true and train.compile resolves to on (auto with a GPU); set compile to false")
     if cfg.fused_dropout is True and options.compile:

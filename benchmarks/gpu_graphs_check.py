@@ -3,8 +3,9 @@
 The graphed backward recomputes checkpointed layers inside a captured graph, where torch's
 checkpoint cannot restore the generator; the LoRA dropout masks come from seed tensors instead.
 This checks that the captured step computes the gradient of the loss it reported: one micro-batch
-replayed from the graphs, then the same micro-batch run eagerly with the same seeds, with every
-layer recomputed and with none. Also a control with other seeds (the gradients must then differ,
+replayed from the graphs (every layer recomputed, selectively where the plan says: with its 120 GiB
+budget, all of them), then the same micro-batch run eagerly with the same seeds, recomputed as in
+the graphs, wholly, and not at all. Also a control with other seeds (the gradients must then differ,
 or the check could not see a wrong mask).
 
     PYTHONPATH=src python benchmarks/gpu_graphs_check.py --shape 1b --out results/gpu_graphs_check_h200.json
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.run_layers = run_with(seeds)
     loss_eager, grads_eager = step()
     _, grads_eager_again = step()  # the noise floor: the same eager step twice
+    set_checkpointed_layers(model, report.plan.num_layers, 0)  # whole recompute (the plan's layers keep gate/up outputs)
+    loss_whole, grads_whole = step()
     set_checkpointed_layers(model, 0)
     loss_kept, grads_kept = step()
     set_checkpointed_layers(model, report.plan.num_layers)
@@ -102,19 +105,22 @@ def main(argv: list[str] | None = None) -> int:
         "lora_dropout": args.dropout,
         "fast_path": report.describe(),
         "recomputed_layers": report.plan.checkpoint_layers,
+        "selective_layers": report.plan.kept_output_layers,
         "replays": replays,
         "disabled": runner.disabled_reason,
         "first_two_steps_s": round(captured_s, 2),
-        "losses": {"graph": loss_graph, "eager_same_seeds": loss_eager, "eager_same_seeds_no_recompute": loss_kept, "eager_other_seeds": loss_other},
+        "losses": {"graph": loss_graph, "eager_same_seeds": loss_eager, "eager_same_seeds_no_recompute": loss_kept, "eager_same_seeds_whole_recompute": loss_whole, "eager_other_seeds": loss_other},
         "eager_vs_eager_same_seeds": compare(grads_eager_again, grads_eager),
         "graph_vs_eager_same_seeds": compare(grads_graph, grads_eager),
         "graph_vs_eager_no_recompute": compare(grads_graph, grads_kept),
+        "graph_vs_eager_whole_recompute": compare(grads_graph, grads_whole),
         "control_other_seeds_vs_eager": compare(grads_other, grads_eager),
     }
     ok = (
         replays >= 2
         and result["graph_vs_eager_same_seeds"]["total_relative_diff"] < 0.02
         and result["graph_vs_eager_no_recompute"]["total_relative_diff"] < 0.02
+        and result["graph_vs_eager_whole_recompute"]["total_relative_diff"] < 0.02
         and result["control_other_seeds_vs_eager"]["total_relative_diff"] > 0.05
     )
     result["passed"] = ok

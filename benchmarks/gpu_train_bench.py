@@ -26,7 +26,8 @@ Recipes (each in its own process, so patches and allocator state never leak betw
   fast_masks    fast with train.fused_dropout: false (the LoRA dropout keeps masks: bits with CUDA graphs)
   fast_eager_masks  fast_eager with train.fused_dropout: false (torch's byte masks)
   fast_bits     fast with train.fused_dropout: false and train.dropout_mask_bits: true (bit masks)
-  fast_whole    fast with train.selective_recompute: false (recomputed layers recompute whole)
+  fast_whole, fast_eager_whole  fast, fast_eager with train.selective_recompute: false (recomputed
+                layers recompute whole)
   fast_graphs   fast with train.cuda_graphs: true (the decoder stack replayed from CUDA graphs; bit masks)
   fast_eager    fast with train.cuda_graphs: false (the fast path before CUDA graphs)
   fast_max      the fast path with the whole GPU as its budget (memory_budget_gib: auto)
@@ -85,7 +86,7 @@ BATCH = {"1b": 8, "8b": 4, "tiny": 4}
 SEQ_LEN = {"1b": 2048, "8b": 2048, "tiny": 128}
 LORA = dict(r=16, alpha=32, dropout=0.05)  # the pipeline's params.yaml lora section
 VARIABLE_MEDIAN, VARIABLE_SIGMA = 256, 1.0
-BUDGETED = ("fast", "fast_eager", "fast_masks", "fast_eager_masks", "fast_bits", "fast_whole", "fast_graphs", "fast_expseg", "fast_compiled")  # recipes run under the 0.6x-original budget, also with a _mN suffix
+BUDGETED = ("fast", "fast_eager", "fast_masks", "fast_eager_masks", "fast_bits", "fast_whole", "fast_eager_whole", "fast_graphs", "fast_expseg", "fast_compiled")  # recipes run under the 0.6x-original budget, also with a _mN suffix
 
 
 def forced_micro(recipe: str) -> tuple[str, int | None]:
@@ -204,8 +205,8 @@ def setup_recipe(model, spec: dict[str, Any]):
         compile=recipe.startswith("fast_compiled"),
         dropout_mask_bits=recipe == "fast_bits",
         fused_dropout=False if recipe in ("fast_masks", "fast_eager_masks", "fast_bits") else "auto",
-        cuda_graphs=True if recipe == "fast_graphs" else False if recipe in ("fast_eager", "fast_eager_masks") else "auto",
-        selective_recompute=False if recipe == "fast_whole" else "auto",
+        cuda_graphs=True if recipe == "fast_graphs" else False if recipe in ("fast_eager", "fast_eager_masks", "fast_eager_whole") else "auto",
+        selective_recompute=False if recipe.endswith("_whole") else "auto",
     )
     model = apply_lora(model, lora_settings(dropout))
     fixed = spec["workload"] == "fixed"  # what rows_of_one_length finds for the pipeline's rows

@@ -123,15 +123,26 @@ def kept_output_bytes(dims: ModelDims, element_bytes: float = 2.0) -> float:
     return 2.0 * dims.ffn * element_bytes
 
 
+# What a recompute runs besides its matmuls and attention (norms, RoPE, SwiGLU, the LoRA dropout's
+# kernels, dequantization), as a share of a whole recompute that a selective one runs all the same.
+# 8B on an H200, fixed 4 x 2048, CUDA graphs (benchmarks/README.md, "Selective recompute"): 31
+# recomputed layers, 9 of them selective, took 7.8 ms less per step than 27 recomputed wholly; at
+# 5.4-6.5 ms per whole recompute that is 0.40-0.42 of one per selective layer, where FLOPs alone
+# give 0.30: 0.30 x (1 - 0.14) + 0.14 = 0.40.
+SELECTIVE_FIXED_SHARE = 0.14
+
+
 def selective_recompute_fraction(dims: ModelDims, seq_len: int) -> float:
-    """A selectively recomputed layer's recompute as a fraction of a whole recompute, in FLOPs per
-    token of the forward that runs again: 2 x matmul parameters (down_proj's skipped in both,
-    layers._lora_tail_forward; gate and up skipped too when kept) plus causal attention's 2 x seq_len x
-    q_dim. 8B at 2048 tokens: 0.30."""
+    """A selectively recomputed layer's recompute as a fraction of a whole recompute: the FLOPs per
+    token of the forward that runs again (2 x matmul parameters, down_proj's skipped in both,
+    layers._lora_tail_forward, gate's and up's too when kept, plus causal attention's
+    2 x seq_len x q_dim), with SELECTIVE_FIXED_SHARE of the work run whatever is kept. 8B at 2048
+    tokens: 0.30 by FLOPs, 0.40 in all."""
     d, f, q, kv = dims.hidden, dims.ffn, dims.q_dim, dims.kv_dim
     attention = 2.0 * seq_len * q
     projections = 2.0 * (2 * d * q + 2 * d * kv)
-    return (projections + attention) / (projections + 2.0 * 2 * d * f + attention)
+    flops = (projections + attention) / (projections + 2.0 * 2 * d * f + attention)
+    return SELECTIVE_FIXED_SHARE + (1.0 - SELECTIVE_FIXED_SHARE) * flops
 
 
 def step_seconds(
@@ -146,14 +157,15 @@ def step_seconds(
 ) -> float:
     """Estimated time of one micro-batch: the longer of GPU and host time, plus part of the shorter
     (they overlap less the closer they are). kept_output_layers: how many of the recomputed layers
-    recompute selectively (selective_recompute_fraction of a whole recompute each)."""
+    recompute selectively (selective_recompute_fraction of a whole recompute each on the GPU; the
+    host runs a selective recompute's Python all the same)."""
     selective = min(kept_output_layers, checkpoint_layers)
     recomputed = checkpoint_layers - selective * (1.0 - selective_recompute_fraction(dims, seq_len))
     share = recomputed / dims.num_layers
     rate = GPU_PEAK_MODEL_FLOPS_PER_S * tokens / (tokens + GPU_HALF_RATE_TOKENS)
     gpu = tokens * model_flops_per_token(dims, seq_len) * (1 + RECOMPUTE_COST * share) / rate
     per_pass = HOST_S_PER_LAYER_PASS_GRAPHED if graphs else HOST_S_PER_LAYER_PASS_COMPILED if compiled else HOST_S_PER_LAYER_PASS
-    host = dims.num_layers * per_pass * 2 * (1 + share)
+    host = dims.num_layers * per_pass * 2 * (1 + checkpoint_layers / dims.num_layers)
     longer, shorter = max(gpu, host), min(gpu, host)
     if shorter <= 0:
         return longer

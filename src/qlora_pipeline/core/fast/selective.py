@@ -5,8 +5,11 @@ Most of that second forward is the MLP's gate and up projections (8B shape: 2 x 
 2 x 4096 x 5120 + 2 x 4096 x 14336 matmul parameters a recompute runs; down_proj is skipped, see
 layers._lora_tail_forward). Keeping their two outputs (2 x ffn values per token: 56 KiB on 8B in
 bf16, against about 140 KiB for the whole layer) lets the recompute skip those matmuls: per byte
-of memory, about twice the recompute saved by keeping whole layers. The memory plan
-(memory.plan_memory) decides how many recomputed layers keep them.
+of memory, about twice the recompute saved by keeping whole layers (by FLOPs; measured, a selective
+recompute costs 0.4 of a whole one: memory.SELECTIVE_FIXED_SHARE). The memory plan
+(memory.plan_memory) decides how many recomputed layers keep them. On an H200, 8B shape, 14.2 GiB:
+31 layers recomputed, 9 selectively, ran 1.01x the plan of 27 whole recomputes
+(benchmarks/README.md, "Selective recompute").
 
 Megatron-LM's selective activation recompute (Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models") keeps the layer's cheap-to-store, costly-to-recompute

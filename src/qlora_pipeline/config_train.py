@@ -74,7 +74,8 @@ class TrainConfig(Section):
     up_proj outputs (2 x intermediate_size values per token), so its recompute skips those matmuls,
     most of a recompute's matmuls (core/fast/selective.py). The memory plan decides how many recomputed
     layers do, within memory_budget_gib. On an H200, 8B shape at 14.2 GiB: 1.01x the step with whole
-    recomputes (benchmarks/README.md). auto: on with fused_lora and without compile."""
+    recomputes (benchmarks/README.md). auto: on with fused_lora and without compile; off under
+    distributed fsdp."""
     dropout_mask_bits: bool | Literal["auto"] = False
     """With fused_lora on a CUDA GPU: LoRA dropout keeps its mask as bits (a Triton kernel), not bytes:
     ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA.

@@ -187,3 +187,13 @@ def test_store_refuses_outputs_of_another_shape():
             store.take([(2, 4), (2, 3)])
     with store.active():
         assert store.take([(2, 3)]) is None  # nothing left: computed as usual
+
+
+def test_sharded_training_recomputes_wholly(tiny_model, monkeypatch):
+    cfg, _, model = tiny_model
+    model = apply_lora(model, cfg.lora)
+    monkeypatch.setattr(fast.options, "available_ram_bytes", lambda: 256 * GIB)
+    train_cfg = TrainConfig(per_device_batch_size=4, gradient_checkpointing=True)
+    model, _, report = fast.apply_fast_path(model, train_cfg, max_seq_len=16, sharded=True)
+    assert (report.plan.checkpoint_layers, report.plan.kept_output_layers) == (2, 0)
+    assert not any(layer._keep_mlp_outputs for layer in fast.decoder_layers(model))

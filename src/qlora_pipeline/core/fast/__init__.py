@@ -287,7 +287,8 @@ def apply_fast_path(
         if options.fused_lora
         else 0
     )
-    selective = options.selective_recompute and fused > 0 and selective_recompute_possible(model)
+    # not under FSDP: its layers gather their weights again for the recompute, untested with kept outputs
+    selective = options.selective_recompute and not sharded and fused > 0 and selective_recompute_possible(model)
     varlen = enable_fast_attention(model) if options.padding_free else False
     if max_seq_len is None:
         max_seq_len = longest_example(train_dataset) if train_dataset is not None else 0

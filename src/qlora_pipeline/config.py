@@ -229,6 +229,19 @@ with warnings.catch_warnings():
             return raw
 
         @model_validator(mode="after")
+        def _selective_targets(self) -> "PipelineConfig":
+            """selective_recompute: true keeps gate_proj's and up_proj's LoRA outputs: both must be LoRA targets."""
+            targets = self.lora.target_modules
+            if self.train.selective_recompute is True and isinstance(targets, list):
+                missing = [name for name in ("gate_proj", "up_proj") if name not in targets]
+                if missing:
+                    raise ValueError(
+                        f"train.selective_recompute: true keeps the outputs of the gate_proj and up_proj LoRA layers, but "
+                        f"lora.target_modules lacks {', '.join(missing)}; add them, or set selective_recompute to auto or false"
+                    )
+            return self
+
+        @model_validator(mode="after")
         def _fsdp_storage(self) -> "PipelineConfig":
             """FSDP shards floating tensors of one dtype per layer: 4-bit weights stored as uint8, or
             8-bit weights, cannot be sharded (the failure would come after loading the model)."""

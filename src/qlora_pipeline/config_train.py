@@ -74,8 +74,9 @@ class TrainConfig(Section):
     up_proj outputs (2 x intermediate_size values per token), so its recompute skips those matmuls,
     most of a recompute's matmuls (core/fast/selective.py). The memory plan decides how many recomputed
     layers do, within memory_budget_gib. On an H200, 8B shape at 14.2 GiB: 1.01x the step with whole
-    recomputes (benchmarks/README.md). auto: on with fused_lora and without compile; off under
-    distributed fsdp."""
+    recomputes (benchmarks/README.md). Needs LoRA on gate_proj and up_proj in every decoder layer.
+    auto: on with fused_lora and without compile where the model has them; off under FSDP. true is
+    refused where it cannot run."""
     dropout_mask_bits: bool | Literal["auto"] = False
     """With fused_lora on a CUDA GPU: LoRA dropout keeps its mask as bits (a Triton kernel), not bytes:
     ~6% less peak memory at the same recompute, but no faster (Triton's launch cost); auto: on with CUDA.
@@ -89,8 +90,9 @@ class TrainConfig(Section):
     memory_budget_gib: float | Literal["auto"] = "auto"
     """Peak GPU memory the plan aims under, as torch allocates it (max_memory_allocated); auto: 90% of
     the GPU's memory. torch's caching allocator reserves more than that peak: on an H200, 8B shape,
-    4 x 2048 tokens, about 1.1 GiB more eagerly and 1.9 GiB more with cuda_graphs (their private
-    pool), so leave that much of a card's memory outside the budget (benchmarks/README.md)."""
+    4 x 2048 tokens, 1.5-2.1 GiB more at a 14.2 GiB budget and up to 2.8 GiB more at 24-40 GiB (with
+    cuda_graphs' private pool and selective recompute), so leave about 3 GiB of a card's memory
+    outside the budget (benchmarks/README.md)."""
     compile: bool | Literal["auto"] = False
     """torch.compile each decoder layer (removes the per-layer Python overhead; the first step pays
     the compile). auto: on with a CUDA GPU. Off by default: no speed-up measured on an H200
@@ -168,6 +170,11 @@ class TrainConfig(Section):
             raise ValueError(
                 "fused_dropout: true needs fused LoRA layers without compile (the dropout lives in their autograd "
                 "node); set fused_lora to auto or true and compile to false, or fused_dropout to auto or false"
+            )
+        if self.selective_recompute is True and self.distributed == "fsdp":
+            raise ValueError(
+                "selective_recompute: true does not run under distributed: fsdp (its layers gather their weights "
+                "again for the recompute); set selective_recompute to auto (off under fsdp) or false, or distributed to ddp"
             )
         if self.selective_recompute is True and (self.compile is True or self.fused_lora is False):
             raise ValueError(

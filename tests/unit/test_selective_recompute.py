@@ -121,11 +121,34 @@ def test_a_lean_runner_call_keeps_no_outputs(tiny_model, monkeypatch):
 
 def test_a_model_without_gate_and_up_lora_layers_cannot_recompute_selectively(tiny_model):
     cfg, _, model = tiny_model
-    model = apply_lora(model, cfg.lora.model_copy(update={"target_modules": ["q_proj", "v_proj"]}))
+    model = apply_lora(model, cfg.lora.model_copy(update={"target_modules": ["q_proj", "v_proj", "down_proj"]}))
     fast.fuse_lora(model, keep_outputs=True)
     assert not fast.selective_recompute_possible(model)
+    fast.unfuse_lora(model)
+    with pytest.raises(ConfigError, match="selective_recompute is true but cannot run without LoRA layers on gate_proj"):
+        fast.apply_fast_path(model, TrainConfig(gradient_checkpointing=True, selective_recompute=True), max_seq_len=16)
+    fast.unfuse_lora(model)
     model, _, report = fast.apply_fast_path(model, TrainConfig(per_device_batch_size=4, gradient_checkpointing=True), max_seq_len=16)
-    assert report.plan.checkpoint_layers == 2 and report.plan.kept_output_layers == 0
+    assert report.plan.checkpoint_layers == 2 and report.plan.kept_output_layers == 0  # auto: whole recomputes
+
+
+def test_true_refused_at_load_for_targets_without_gate_and_up_and_for_fsdp(tiny_cfg):
+    with pytest.raises(ConfigError, match="lora.target_modules lacks up_proj; add them"):
+        tiny_cfg("train.selective_recompute=true", 'lora.target_modules=["q_proj", "gate_proj"]')
+    assert tiny_cfg("train.selective_recompute=true").train.selective_recompute is True  # all-linear
+    assert tiny_cfg('lora.target_modules=["q_proj"]').train.selective_recompute == "auto"
+    with pytest.raises(ValueError, match="selective_recompute: true does not run under distributed: fsdp"):
+        TrainConfig(selective_recompute=True, distributed="fsdp")
+
+
+def test_unfuse_puts_back_whole_recomputes(tiny_model):
+    cfg, _, model = tiny_model
+    model = lora_model(cfg, model, 0.0)
+    fast.set_checkpointed_layers(model, 2, 2)
+    fast.unfuse_lora(model)
+    layers = fast.decoder_layers(model)
+    assert not any(isinstance(layer._gradient_checkpointing_func, selective.KeepOutputsCheckpoint) for layer in layers)
+    assert not any(vars(layer).get("_keep_mlp_outputs") for layer in layers)
 
 
 def test_fast_path_takes_selective_layers_where_the_budget_leaves_room(tiny_model, monkeypatch):
@@ -183,7 +206,7 @@ def test_store_refuses_outputs_of_another_shape():
     with store.active():
         store.put((torch.zeros(2, 3), torch.zeros(2, 3)))
     with store.active():
-        with pytest.raises(RuntimeError, match="set train.selective_recompute to false"):
+        with pytest.raises(RuntimeError, match="run the backward before calling the layers again"):
             store.take([(2, 4), (2, 3)])
     with store.active():
         assert store.take([(2, 3)]) is None  # nothing left: computed as usual
@@ -197,3 +220,6 @@ def test_sharded_training_recomputes_wholly(tiny_model, monkeypatch):
     model, _, report = fast.apply_fast_path(model, train_cfg, max_seq_len=16, sharded=True)
     assert (report.plan.checkpoint_layers, report.plan.kept_output_layers) == (2, 0)
     assert not any(layer._keep_mlp_outputs for layer in fast.decoder_layers(model))
+    fast.unfuse_lora(model)
+    with pytest.raises(ConfigError, match="selective_recompute is true but cannot run under FSDP"):
+        fast.apply_fast_path(model, train_cfg.model_copy(update={"selective_recompute": True}), max_seq_len=16, sharded=True)

@@ -289,6 +289,9 @@ def apply_fast_path(
     )
     # not under FSDP: its layers gather their weights again for the recompute, untested with kept outputs
     selective = options.selective_recompute and not sharded and fused > 0 and selective_recompute_possible(model)
+    if cfg.selective_recompute is True and not selective:
+        why = "under FSDP" if sharded else "without LoRA layers on gate_proj and up_proj in every decoder layer"
+        raise ConfigError(f"train.selective_recompute is true but cannot run {why}; set it to auto or false")
     varlen = enable_fast_attention(model) if options.padding_free else False
     if max_seq_len is None:
         max_seq_len = longest_example(train_dataset) if train_dataset is not None else 0
@@ -328,7 +331,8 @@ def apply_fast_path(
         }
     )
     report = FastPathReport(
-        options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks_trained, bits16 and fused > 0, graphed, fused_dropout
+        options, plan, liger, fused, varlen, options.padding_free, compiled, bit_masks_trained, bits16 and fused > 0 and lora_dropout > 0,
+        graphed, fused_dropout,
     )
     log.info("fast path: %s", report.describe())
     return model, cfg, report

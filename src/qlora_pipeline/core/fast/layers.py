@@ -302,7 +302,14 @@ def selective_recompute_possible(model: nn.Module) -> bool:
 
 
 def unfuse_lora(model: nn.Module) -> None:
-    """Back to peft's own forward."""
+    """Back to peft's own forward; recomputed layers recompute wholly again."""
+    from qlora_pipeline.core.fast.selective import KeepOutputsCheckpoint
+
+    for layer in decoder_layers(model):
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if isinstance(func, KeepOutputsCheckpoint):
+            layer._gradient_checkpointing_func = func.inner
+        vars(layer).pop("_keep_mlp_outputs", None)
     for module in model.modules():
         if "forward" in vars(module) and getattr(module.forward, "__func__", None) in _FUSED_FORWARDS:
             del module.forward

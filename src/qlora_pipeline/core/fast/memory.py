@@ -126,9 +126,9 @@ def kept_output_bytes(dims: ModelDims, element_bytes: float = 2.0) -> float:
 # What a recompute runs besides its matmuls and attention (norms, RoPE, SwiGLU, the LoRA dropout's
 # kernels, dequantization), as a share of a whole recompute that a selective one runs all the same.
 # 8B on an H200, fixed 4 x 2048, CUDA graphs (benchmarks/README.md, "Selective recompute"): 31
-# recomputed layers, 9 of them selective, took 7.8 ms less per step than 27 recomputed wholly; at
-# 5.4-6.5 ms per whole recompute that is 0.40-0.42 of one per selective layer, where FLOPs alone
-# give 0.30: 0.30 x (1 - 0.14) + 0.14 = 0.40.
+# recomputed layers, 9 of them selective, took 6.4-7.8 ms less per step than 27 recomputed wholly
+# (three calls); at 5.4-6.5 ms per whole recompute that is 0.40-0.45 of one per selective layer,
+# where FLOPs alone give 0.30: 0.30 x (1 - 0.14) + 0.14 = 0.40.
 SELECTIVE_FIXED_SHARE = 0.14
 
 
@@ -228,13 +228,18 @@ class MemoryPlan:
     kept_output_layers: int = 0  # of the recomputed layers, those recomputing selectively
 
     def describe(self) -> str:
-        budget = f" of a {self.budget_gib:.1f} GiB budget" if self.budget_gib else ""
+        budget = f" of a {_gib_text(self.budget_gib)} GiB budget" if self.budget_gib else ""
         selective = f" ({self.kept_output_layers} selectively: gate/up outputs kept)" if self.kept_output_layers else ""
         return (
             f"micro-batch {self.micro_batch_size} x {self.gradient_accumulation_steps} accumulation, "
             f"{self.checkpoint_layers}/{self.num_layers} layers recompute{selective}, "
-            f"~{self.estimated_peak_gib:.1f} GiB{budget}"
+            f"~{_gib_text(self.estimated_peak_gib)} GiB{budget}"
         )
+
+
+def _gib_text(gib: float) -> str:
+    """One decimal, or two significant digits below 0.1 GiB (a tiny model's plan)."""
+    return f"{gib:.1f}" if gib >= 0.1 else f"{gib:.2g}"
 
 
 def _divisors(n: int) -> list[int]:

@@ -64,15 +64,17 @@ class OutputStore:
 
         Raises:
             RuntimeError: the stored outputs have other shapes than this call's (the layer ran
-                differently in the recompute than in the forward).
+                differently in the recompute than in the forward; a whole recompute fails there too,
+                with torch's CheckpointError).
         """
         if not self.outputs:
             return None
         outputs = self.outputs.popleft()
         if [tuple(o.shape) for o in outputs] != [tuple(s) for s in shapes]:
             raise RuntimeError(
-                f"selective recompute: the kept outputs have shapes {[tuple(o.shape) for o in outputs]}, the recompute "
-                f"wants {shapes}; set train.selective_recompute to false"
+                f"selective recompute: a decoder layer's recompute wants outputs of shapes {shapes}, its forward kept "
+                f"{[tuple(o.shape) for o in outputs]}: the layer ran differently in its recompute (a LoRA layer of it "
+                "called on its own between the forward and the backward?); run the backward before calling the layers again"
             )
         return outputs
 

@@ -166,20 +166,16 @@ class TrainConfig(Section):
                 "the whole layers); set cuda_graphs to auto or false, or fused_lora to auto/true, compile to false "
                 "and distributed to ddp or auto"
             )
-        if self.fused_dropout is True and (self.compile is True or self.fused_lora is False):
-            raise ValueError(
-                "fused_dropout: true needs fused LoRA layers without compile (the dropout lives in their autograd "
-                "node); set fused_lora to auto or true and compile to false, or fused_dropout to auto or false"
-            )
+        for name, what in (("fused_dropout", "the dropout lives"), ("selective_recompute", "the kept outputs live")):
+            if getattr(self, name) is True and (self.compile is True or self.fused_lora is False):
+                raise ValueError(
+                    f"{name}: true needs fused LoRA layers without compile ({what} in their autograd node); "
+                    f"set fused_lora to auto or true and compile to false, or {name} to auto or false"
+                )
         if self.selective_recompute is True and self.distributed == "fsdp":
             raise ValueError(
                 "selective_recompute: true does not run under distributed: fsdp (its layers gather their weights "
                 "again for the recompute); set selective_recompute to auto (off under fsdp) or false, or distributed to ddp"
-            )
-        if self.selective_recompute is True and (self.compile is True or self.fused_lora is False):
-            raise ValueError(
-                "selective_recompute: true needs fused LoRA layers without compile (the kept outputs live in their "
-                "autograd node); set fused_lora to auto or true and compile to false, or selective_recompute to auto or false"
             )
         if self.dropout_mask_bits is True and self.compile is True:
             raise ValueError(

@@ -3,7 +3,6 @@ defaults: a share of the GPU's memory, or of the RAM available on a CPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -74,32 +73,26 @@ def resolve_options(cfg: TrainConfig, device: torch.device | str | None = None) 
         budget = float(cfg.memory_budget_gib)
     else:
         budget = default_memory_budget_gib() if on_gpu else default_cpu_memory_budget_gib()
+    fused_lora = resolve_switch(cfg.fused_lora, "fused_lora", on_gpu=True)
+    compiled = resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available())
     options = FastOptions(
         liger=resolve_switch(cfg.use_liger, "use_liger", on_gpu=on_gpu, available=liger_available()),
-        fused_lora=resolve_switch(cfg.fused_lora, "fused_lora", on_gpu=True),
+        fused_lora=fused_lora,
         padding_free=resolve_switch(cfg.padding_free, "padding_free", on_gpu=on_gpu),
         checkpointing=cfg.gradient_checkpointing,
         tune_micro_batch=bool(cfg.tune_micro_batch) and on_gpu,
         memory_budget_gib=budget,
-        compile=resolve_switch(cfg.compile, "compile", on_gpu=on_gpu, available=compile_available()),
+        compile=compiled,
         dropout_mask_bits=resolve_switch(cfg.dropout_mask_bits, "dropout_mask_bits", on_gpu=on_gpu, available=bitmask_dropout.available()),
         cuda_graphs=_cuda_graphs_switch(cfg.cuda_graphs, on_gpu),
         fused_dropout=resolve_switch(
             cfg.fused_dropout, "fused_dropout", on_gpu=on_gpu, available=on_gpu and lowrank_dropout.available(), needs="a CUDA GPU and triton"
         ),
+        selective_recompute=(fused_lora and not compiled) if cfg.selective_recompute == "auto" else bool(cfg.selective_recompute),
     )
-    fused_lora = options.fused_lora
-    selective = cfg.selective_recompute
-    options = dataclasses.replace(
-        options,
-        selective_recompute=(fused_lora and not options.compile) if selective == "auto" else bool(selective),
-    )
-    if cfg.selective_recompute is True and options.compile:
-        raise ConfigError("train.selective_recompute is true and train.compile resolves to on (auto with a GPU); set compile to false")
-    if cfg.cuda_graphs is True and options.compile:
-        raise ConfigError("train.cuda_graphs is true and train.compile resolves to on (auto with a GPU); set compile to false")
-    if cfg.fused_dropout is True and options.compile:
-        raise ConfigError("train.fused_dropout is true and train.compile resolves to on (auto with a GPU); set compile to false")
+    for name in ("cuda_graphs", "fused_dropout", "selective_recompute"):  # eager-only switches forced on
+        if getattr(cfg, name) is True and compiled:
+            raise ConfigError(f"train.{name} is true and train.compile resolves to on (auto with a GPU); set compile to false")
     return options
 
 
